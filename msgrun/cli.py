@@ -73,7 +73,7 @@ def run_job(cfg: DictConfig) -> float | None:
         return math.inf
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://msgrun.conf", config_name="config")
 def hydra_entry(cfg: DictConfig) -> float | None:
     return run_job(cfg)
 
