@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from msgrun import report
+from msgrun.report import tables, wandb_folder
 from msgrun.report import MixedDataError, ReportError, analyse, compare, load_runs, main
 
 FIXTURES = Path(__file__).parent / "fixtures" / "report"
@@ -115,7 +116,7 @@ def test_run_that_never_reaches_target_says_not_reached(tmp_path):
     assert cells["flops_to_target"] == "not reached"
     assert cells["wall_to_target"] == "not reached"
     assert cells["speedup_flops"] == "—"
-    record = report._csv_record(never)
+    record = tables._csv_record(never)
     assert record["flops_to_target"] == "not reached" and record["speedup_flops"] == "—"
 
 
@@ -331,16 +332,16 @@ def test_reads_a_wandb_offline_run_folder():
 
 def test_growth_inferred_from_shape_changes_when_the_history_has_no_growth_rows():
     rows = [{"step": s, "flops": s * 1e9, "layers": 2 if s < 20 else 4, "hidden": 64} for s in (0, 10, 20, 30)]
-    (event,) = report._growth_from_shapes(rows)
+    (event,) = wandb_folder._growth_from_shapes(rows)
     assert event["dims"] == ["layers"] and event["before"]["layers"] == 2 and event["after"]["layers"] == 4
     assert event["flops"] == 10e9  # the last line before the change
 
 
 def test_unreadable_wandb_folder_falls_back_to_the_run_directory(tmp_path, monkeypatch):
     def unreadable(_path):
-        raise report._WandbUnreadable("no reader")
+        raise wandb_folder._WandbUnreadable("no reader")
 
-    monkeypatch.setattr(report, "_wandb_records", unreadable)
+    monkeypatch.setattr(wandb_folder, "_wandb_records", unreadable)
     run_dir = write_run(tmp_path / "run", GROWN)
     folder = run_dir / "wandb" / "offline-run-x"
     folder.mkdir(parents=True)
@@ -391,7 +392,7 @@ def test_older_wandb_python_datastore_records_are_converted(tmp_path, monkeypatc
             return self.left.pop(0) if self.left else None
 
     monkeypatch.setitem(sys.modules, "wandb.sdk.internal.datastore", types.SimpleNamespace(DataStore=FakeDataStore))
-    run = report._run_from_wandb(tmp_path, "old", report._records_from_datastore(tmp_path / "run-x.wandb"))
+    run = wandb_folder._run_from_wandb(tmp_path, "old", wandb_folder._records_from_datastore(tmp_path / "run-x.wandb"))
     assert run.choices == {"schedule": "width_first", "operator": "bert2bert", "model": "gpt_tiny"}
     assert run.seed == 5 and run.status == "failed" and run.data_fingerprint == "d9"
     assert list(run.curve("val_loss")[2]) == [3.1, 2.7]

@@ -1,0 +1,5 @@
+import sys
+
+from msgrun.report.cli import main
+
+sys.exit(main())

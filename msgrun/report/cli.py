@@ -1,0 +1,60 @@
+"""The msgrun-report command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from msgrun.report.compare import analyse
+from msgrun.report.discover import load_runs
+from msgrun.report.runs import METRICS, ReportError
+from msgrun.report.tables import print_table, write_report
+
+
+def _default_out_dir(first: Path) -> Path:
+    # a sweep's report belongs next to its runs; anything else goes to the working directory
+    if first.is_dir() and not (first / "metrics.jsonl").exists():
+        if (first / "multirun.yaml").exists() or any(
+            (child / "metrics.jsonl").is_file() for child in first.iterdir() if child.name.isdigit()
+        ):
+            return first / "report"
+    return Path("report")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="msgrun-report",
+        description="Compare msgrun runs: loss-vs-FLOPs and loss-vs-wall-clock curves, FLOPs and "
+        "wall-clock to a target loss, speedups over the from-scratch baseline.",
+    )
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="run directories, multirun directories (searched recursively) or wandb offline run folders")
+    parser.add_argument("--target", type=float, default=None,
+                        help="target value of the metric (default: the baseline's final value; with several seeds "
+                        "the highest, so that every baseline seed reaches it)")
+    parser.add_argument("--metric", choices=METRICS, default="val_loss", help="validation metric (default: val_loss)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (default: report/ in the first PATH if it is a multirun directory, else ./report)")
+    parser.add_argument("--baseline", default=None, metavar="LABEL",
+                        help="label (or unique part of one) of the baseline group (default: the schedule=none group)")
+    parser.add_argument("--allow-mixed-data", action="store_true",
+                        help="compare runs even if their data or tokenizer fingerprints differ")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        runs = load_runs(args.paths)
+        comp = analyse(runs, target=args.target, metric=args.metric, baseline=args.baseline,
+                       allow_mixed_data=args.allow_mixed_data)
+    except ReportError as e:
+        print(f"msgrun-report: error: {e}", file=sys.stderr)
+        return 2
+    out_dir = args.out or _default_out_dir(Path(args.paths[0]))
+    print_table(comp)
+    written = write_report(comp, out_dir)
+    print(f"report written to {out_dir}/: " + ", ".join(p.name for p in written))
+    return 0
+
