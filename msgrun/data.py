@@ -5,7 +5,7 @@
     x, y = stream.batch(offset, batch_size, seq_len)      # offset advances by batch_size*seq_len
 
 The training stream is addressed by *token offset*, not by step: two runs with different batch
-sizes or sequence lengths read the same tokens in the same order (DESIGN.md section 4). Everything
+sizes or sequence lengths read the same tokens in the same order (docs/architecture.md section 4). Everything
 here is deterministic given the config: the split hashes document names, the shuffle is seeded
 by (seed, epoch) and MLM masks by (seed, offset).
 
@@ -665,7 +665,7 @@ class TokenStream:
     cut into chunks of `chunk` tokens, in the order np.random.default_rng([seed, e]).permutation
     of the chunks, concatenated. Global offset o is position o of that stream, so runs that
     change batch size or sequence length mid-training still read the same tokens in the same
-    order (DESIGN.md section 4), while consecutive rows of a batch come from chunks all over the
+    order (docs/architecture.md section 4), while consecutive rows of a batch come from chunks all over the
     corpus: shuffling whole documents instead would fill a batch from one or two files and make
     every step's gradient a sample of a single file. Chunks shorter than a row are joined like
     packed documents. The tail of fewer than `chunk` tokens is not used."""

@@ -1,6 +1,6 @@
 """Process groups and data-parallel wrappers (torchrun: DDP or FSDP2), and seeds.
 
-Growth under data parallelism (DESIGN.md, issue "Scale and speed"): the plain model is grown on
+Growth under data parallelism (docs/architecture.md section 5): the plain model is grown on
 every rank identically (same operator, same init RNG stream, same host-sampled paths), then
 re-wrapped. The optimizer is built on the plain model's parameters, so its state is moved by
 provenance exactly as in a single process.

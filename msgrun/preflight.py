@@ -1,4 +1,4 @@
-"""Memory pre-flight (DESIGN.md section 4): the run's costliest step, tried before training.
+"""Memory pre-flight (docs/architecture.md section 5): the run's costliest step, tried before training.
 
 A grown run's memory peaks at its end, hours in: the final shape has the most parameters,
 optimizer state and activations, and the last growth event briefly holds the old and the grown

@@ -1,6 +1,6 @@
 """Where a run's figures go: metrics.jsonl / growth.jsonl / summary.json, the console, wandb.
 
-The JSON-lines files are the contract (DESIGN.md section 3): the report reads them and nothing
+The JSON-lines files are the contract (docs/architecture.md section 3): the report reads them and nothing
 else, so every figure shown anywhere is first written there. Only rank 0 writes.
 """
 

@@ -1,6 +1,6 @@
 """The training loop: steps, evaluations, growth events, checkpoints.
 
-Counters that make runs comparable (DESIGN.md section 4):
+Counters that make runs comparable (docs/architecture.md section 4):
 
 * `tokens` is the position in the training stream: batches are read by token offset, so runs
   with different batch or sequence-length schedules see the same tokens in the same order.
@@ -203,7 +203,7 @@ class Trainer:
         model = self.model
         if self.cfg.train.compile:
             # compile per block: a new layer of an existing shape reuses the cached graph, and
-            # RaPTr's changing paths never recompile (DESIGN.md section 5)
+            # RaPTr's changing paths never recompile (docs/architecture.md section 5)
             for block in model.blocks:
                 block.compile(dynamic=False)
         if self.dist.mode == "fsdp":

@@ -1,4 +1,4 @@
-"""End to end through Hydra's compose API: the run directory contract of DESIGN.md section 3."""
+"""End to end through Hydra's compose API: the run directory contract of docs/architecture.md section 3."""
 
 import json
 import math
