@@ -65,7 +65,8 @@ class OptimConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     warmup_steps: int = 100
-    decay: str = "cosine"  # cosine | linear | constant
+    decay: str = "cosine"  # cosine | linear | constant | wsd (warmup-stable-decay, msgrun/optim.py)
+    decay_fraction: float = 0.2  # wsd only: the last share of the budget over which the LR decays
     min_lr_ratio: float = 0.1  # final LR as a fraction of the peak
 
 

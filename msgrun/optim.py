@@ -6,14 +6,26 @@ runs with different step counts or batch schedules decay over the same budget:
     lr = peak * warmup(step) * shape(clip((p - decay_start) / decay_span, 0, 1))
 
 with linear warmup over `optim.warmup_steps` and shape `cosine`, `linear` or `constant`, ending
-at `min_lr_ratio * peak`. Across a growth event:
+at `min_lr_ratio * peak`. The decay starts where the warmup ends, *in budget progress*: the
+progress is read when the warmup's last step is done, whichever budget (steps, tokens, FLOPs)
+ends the run. (Placing it at warmup_steps / max_steps is wrong when a token or FLOPs budget ends
+the run first: the decay would begin before the warmup is over and the peak would never be
+reached.)
+
+`wsd` (warmup-stable-decay) holds the peak after the warmup and decays linearly to
+`min_lr_ratio * peak` over the last `optim.decay_fraction` of the budget. Its stable phase does
+not depend on the budget, so a constant-LR run's checkpoints are the same whatever budget it
+was given.
+
+Across a growth event:
 
 * continue: nothing changes.
 * rewind:   the MSG reference's policy. At the first two growth events only, the decay jumps
             back to the peak with the *same slope* (decay_start moves to the event, decay_span
-            stays) and no new warmup, so the run ends above the minimum LR.
+            stays) and no new warmup, so the run ends above the minimum LR. Under wsd the LR is
+            at its peak until the decay window, so there is nothing to rewind: no change.
 * restart:  G_stack's code's policy. A fresh warmup from the event, then a full decay over the
-            rest of the budget.
+            rest of the budget (wsd: the same decay window).
 """
 
 from __future__ import annotations
@@ -45,43 +57,61 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+DECAYS = ("cosine", "linear", "constant", "wsd")
+
+
 @dataclass
 class LRSchedule:
     peak: float
     warmup_steps: int
-    decay: str  # cosine | linear | constant
+    decay: str  # one of DECAYS
     min_ratio: float
     warmup_start: int = 0  # step at which the current warmup began
-    decay_start: float = 0.0  # progress at which the current decay began
+    decay_start: float | None = 0.0  # progress at which the decay began; None: at the end of the warmup
     decay_span: float = 1.0  # progress over which the decay reaches min_ratio
     rewinds: int = 0
 
     @staticmethod
-    def create(peak: float, cfg, max_steps: int) -> "LRSchedule":
-        if cfg.decay not in ("cosine", "linear", "constant"):
-            raise ConfigError(f"optim.decay = {cfg.decay!r}; choose one of cosine, linear, constant.")
-        start = min(cfg.warmup_steps / max_steps, 0.999)
-        return LRSchedule(peak, cfg.warmup_steps, cfg.decay, cfg.min_lr_ratio, 0, start, 1.0 - start)
+    def create(peak: float, cfg) -> "LRSchedule":
+        if cfg.decay not in DECAYS:
+            raise ConfigError(f"optim.decay = {cfg.decay!r}; choose one of {', '.join(DECAYS)}.")
+        if cfg.decay == "wsd":
+            if not 0.0 < cfg.decay_fraction <= 1.0:
+                raise ConfigError(f"optim.decay_fraction = {cfg.decay_fraction}: the share of the budget the wsd "
+                                  "decay takes must lie in (0, 1], e.g. 0.2.")
+            return LRSchedule(peak, cfg.warmup_steps, cfg.decay, cfg.min_lr_ratio, 0,
+                              1.0 - cfg.decay_fraction, cfg.decay_fraction)
+        start = 0.0 if cfg.warmup_steps == 0 else None
+        return LRSchedule(peak, cfg.warmup_steps, cfg.decay, cfg.min_lr_ratio, 0, start, 1.0)
 
     def __call__(self, step: int, progress: float) -> float:
+        """The LR for the optimizer step `step`, taken when `progress` of the budget is spent.
+        Called once per step, in order: the first call after the warmup fixes where the decay
+        starts."""
         warm = min(1.0, (step - self.warmup_start + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        if self.decay_start is None:
+            if step - self.warmup_start < self.warmup_steps:
+                return self.peak * warm  # still warming up: the decay has not begun
+            self.decay_start = min(progress, 0.999)
+            self.decay_span = 1.0 - self.decay_start
         x = min(max((progress - self.decay_start) / self.decay_span, 0.0), 1.0)
         if self.decay == "cosine":
             shape = self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * x))
-        elif self.decay == "linear":
+        elif self.decay in ("linear", "wsd"):
             shape = 1.0 - (1 - self.min_ratio) * x
         else:
             shape = 1.0
         return self.peak * warm * shape
 
-    def on_growth(self, policy: str, step: int, progress: float, max_steps: int) -> None:
+    def on_growth(self, policy: str, step: int, progress: float) -> None:
         if policy == "rewind":
-            if self.rewinds < 2:
+            if self.rewinds < 2 and self.decay != "wsd":
                 self.decay_start, self.rewinds = progress, self.rewinds + 1
         elif policy == "restart":
             self.warmup_start = step
-            self.decay_start = min(progress + self.warmup_steps / max_steps, 0.999)
-            self.decay_span = 1.0 - self.decay_start
+            if self.decay != "wsd":
+                self.decay_start = None if self.warmup_steps else min(progress, 0.999)
+                self.decay_span = 1.0 - (self.decay_start or 0.0)
         elif policy != "continue":
             raise ConfigError(f"operator.lr_policy = {policy!r}; choose one of continue, rewind, restart.")
 

@@ -102,7 +102,7 @@ class Trainer:
         torch.manual_seed(distributed.seed_for(tc.seed, f"dropout/rank{self.dist.rank}"))
         self.model = Transformer(self.engine.initial_args(), generator=self.init_gen).to(self.device)
         self.optimizer = build_adamw(self.model, tc.lr, cfg.optim, self.device.type)
-        self.lr_schedule = LRSchedule.create(tc.lr, cfg.optim, tc.max_steps)
+        self.lr_schedule = LRSchedule.create(tc.lr, cfg.optim)
         self.stream = data.TokenStream(self.corpus.train, cfg.data.shuffle_chunk or cfg.model.seq_len,
                                        seed=distributed.seed_for(tc.seed, "data"))
         self.mask_seed = distributed.seed_for(tc.seed, "mlm")
@@ -383,8 +383,7 @@ class Trainer:
             old_model = self.model
             result = self.engine.grow(old_model, self.optimizer, stage, self.init_gen, self.step)
             self.model, self.optimizer = result.model, result.optimizer
-            self.lr_schedule.on_growth(self.engine.operator.cfg.lr_policy, self.step, self.progress(),
-                                       self.cfg.train.max_steps)
+            self.lr_schedule.on_growth(self.engine.operator.cfg.lr_policy, self.step, self.progress())
             self._wrap()
             seconds = time.perf_counter() - t0
         after = probe(self.model, self.probe_batch, self.device, self.engine.pool)

@@ -80,20 +80,20 @@ def test_error_names_the_stage():
 
 
 def test_rewind_jumps_back_to_the_peak_twice_with_the_same_slope():
-    s = LRSchedule.create(1.0, OptimConfig(warmup_steps=0, decay="linear", min_lr_ratio=0.0), max_steps=100)
+    s = LRSchedule.create(1.0, OptimConfig(warmup_steps=0, decay="linear", min_lr_ratio=0.0))
     assert s(50, 0.5) == pytest.approx(0.5)
-    s.on_growth("rewind", 50, 0.5, 100)
+    s.on_growth("rewind", 50, 0.5)
     assert s(50, 0.5) == pytest.approx(1.0)
     assert s(60, 0.6) == pytest.approx(0.9)  # same slope as before the rewind
-    s.on_growth("rewind", 70, 0.7, 100)
-    s.on_growth("rewind", 80, 0.8, 100)  # a third event does not rewind
+    s.on_growth("rewind", 70, 0.7)
+    s.on_growth("rewind", 80, 0.8)  # a third event does not rewind
     assert s(80, 0.8) == pytest.approx(0.9)
     assert s(100, 1.0) == pytest.approx(0.7)  # training ends above zero LR
 
 
 def test_restart_warms_up_again_and_decays_over_the_rest():
-    s = LRSchedule.create(1.0, OptimConfig(warmup_steps=10, decay="cosine", min_lr_ratio=0.1), max_steps=100)
-    s.on_growth("restart", 50, 0.5, 100)
+    s = LRSchedule.create(1.0, OptimConfig(warmup_steps=10, decay="cosine", min_lr_ratio=0.1))
+    s.on_growth("restart", 50, 0.5)
     assert s(50, 0.5) == pytest.approx(0.1)
     assert s(59, 0.59) == pytest.approx(1.0)
     assert s(100, 1.0) == pytest.approx(0.1)

@@ -1,0 +1,66 @@
+"""The LR schedule follows the budget that ends the run, whichever it is."""
+
+import pytest
+
+from msgrun.config import OptimConfig
+from msgrun.errors import ConfigError
+from msgrun.optim import LRSchedule
+from msgrun.train import Trainer
+
+from conftest import read_jsonl
+
+
+def lrs_over(schedule, steps, progress_per_step):
+    return [schedule(step, min(step * progress_per_step, 1.0)) for step in range(steps)]
+
+
+def test_a_flops_budget_reaches_the_peak_and_ends_annealed():
+    # max_steps would be 1000, but a FLOPs budget ends the run after 200 steps: progress runs 5x
+    # faster than step / max_steps. The warmup (50 steps) must still reach the peak before the
+    # decay starts, and the decay must end at the minimum when the budget is spent.
+    s = LRSchedule.create(1.0, OptimConfig(warmup_steps=50, decay="cosine", min_lr_ratio=0.1))
+    lrs = lrs_over(s, 201, 1 / 200)
+    assert max(lrs) == pytest.approx(1.0)
+    assert lrs.index(max(lrs)) in (49, 50)  # the peak at the end of the warmup
+    assert all(b <= a + 1e-12 for a, b in zip(lrs[50:], lrs[51:]))  # then only down
+    assert lrs[200] == pytest.approx(0.1)
+
+
+def test_a_step_budget_keeps_its_schedule():
+    # the decay starts where the warmup ends: for a step budget, at warmup_steps / max_steps
+    s = LRSchedule.create(1.0, OptimConfig(warmup_steps=10, decay="linear", min_lr_ratio=0.0))
+    lrs = lrs_over(s, 101, 1 / 100)
+    assert lrs[9] == pytest.approx(1.0) and lrs[10] == pytest.approx(1.0)
+    assert lrs[55] == pytest.approx(0.5)  # halfway through the decay from 0.1 to 1.0
+    assert lrs[100] == pytest.approx(0.0)
+
+
+def test_wsd_holds_the_peak_then_decays_over_its_fraction():
+    s = LRSchedule.create(2.0, OptimConfig(warmup_steps=10, decay="wsd", decay_fraction=0.25, min_lr_ratio=0.0))
+    lrs = lrs_over(s, 101, 1 / 100)
+    assert lrs[4] == pytest.approx(1.0)  # warming up
+    assert lrs[10] == lrs[50] == lrs[75] == pytest.approx(2.0)  # stable
+    assert lrs[85] == pytest.approx(2.0 * (1 - 0.4))  # 40% through the decay window 0.75..1
+    assert lrs[100] == pytest.approx(0.0)
+    s.on_growth("rewind", 40, 0.4)  # nothing to rewind: the LR is at its peak
+    assert s(40, 0.4) == pytest.approx(2.0) and s(100, 1.0) == pytest.approx(0.0)
+    with pytest.raises(ConfigError, match="optim.decay_fraction"):
+        LRSchedule.create(1.0, OptimConfig(decay="wsd", decay_fraction=0.0))
+    with pytest.raises(ConfigError, match="wsd"):
+        LRSchedule.create(1.0, OptimConfig(decay="cosinus"))
+
+
+def test_a_max_flops_run_reaches_its_peak_lr_and_ends_annealed(make_cfg, tmp_path):
+    # a 40-step FLOPs budget inside max_steps=400: the old schedule started decaying at step 4,
+    # before its 10-step warmup was over, and ended at 90% of the peak
+    probe = make_cfg("train.max_steps=1", "train.log_every=1", "model.layers=2")
+    Trainer(probe, tmp_path / "probe").run()
+    per_step = read_jsonl(tmp_path / "probe" / "metrics.jsonl")[0]["flops"]
+    cfg = make_cfg("train.max_steps=400", f"train.max_flops={40 * per_step}", "train.log_every=1",
+                   "train.eval_every=100", "optim.warmup_steps=10", "optim.min_lr_ratio=0.1", "train.lr=1e-3",
+                   "model.layers=2")
+    Trainer(cfg, tmp_path / "run").run()
+    lrs = [m["lr"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in m]
+    assert len(lrs) == 40
+    assert max(lrs) == pytest.approx(1e-3)
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.05)  # annealed: the last step's LR is the minimum
