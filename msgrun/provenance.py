@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -46,5 +47,9 @@ def collect(device: torch.device, world_size: int = 1) -> dict:
         "world_size": world_size,
         "torch_cuda": torch.version.cuda,
         "host": platform.node(),
+        # how busy the machine was (1, 5, 15-minute load averages against its CPUs): wall-clock
+        # measured on a loaded machine measures the load; msgrun-report warns about it
+        "cpus": os.cpu_count(),
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     return info

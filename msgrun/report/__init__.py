@@ -22,10 +22,10 @@ report prints.
 """
 
 from msgrun.report.cli import main
-from msgrun.report.compare import Comparison, Group, Row, analyse, compare, to_target
+from msgrun.report.compare import Comparison, Crossing, Group, Pair, Row, analyse, compare, crossing, to_target
 from msgrun.report.discover import load_runs
 from msgrun.report.runs import MixedDataError, ReportError, Run
 from msgrun.report.tables import format_row, write_report
 
-__all__ = ["Comparison", "Group", "MixedDataError", "ReportError", "Row", "Run", "analyse", "compare",
+__all__ = ["Comparison", "Crossing", "Group", "Pair", "crossing", "MixedDataError", "ReportError", "Row", "Run", "analyse", "compare",
            "format_row", "load_runs", "main", "to_target", "write_report"]

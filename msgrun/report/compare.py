@@ -1,7 +1,30 @@
-"""The comparison: labels and seed groups, the baseline, targets, FLOPs-to-target by
-interpolation, the loss gap at equal FLOPs, and the data/tokenizer fingerprint check.
+"""The comparison: labels and seed groups, which baseline each group is compared with, seed
+pairs, targets, FLOPs-to-target, the loss gap at equal FLOPs, and the checks that the runs are
+comparable at all (data, tokenizer, evaluation settings, data order).
 
-Definitions and why: docs/architecture.md section 4."""
+Definitions (also printed as the report's footnotes, see tables.footnotes):
+
+* Runs whose configurations differ only in the seed form a *group*. A group is compared with a
+  *baseline* group (from scratch, schedule=none): its *matched* baseline when one exists, i.e.
+  one trained with train.max_flops within MATCH_TOLERANCE of the group's FLOPs (annealed end
+  point against annealed end point); otherwise the from-scratch group with the largest budget;
+  or the one named by --baseline.
+* Runs with the same seed read the same tokens in the same order: an arm's run and its
+  baseline's run of one seed are a *pair*, and every statistic is computed per pair first.
+* Per pair, the *target* is the worse (higher) of the two runs' final values, which both runs
+  reach (or --target). Each run's cost to the target is where its curve crosses the target *and
+  stays at or below it* (a noisy early dip does not count), linearly interpolated between the
+  two evaluations that bracket that crossing. Speedup = baseline's cost / arm's cost: above 1
+  the arm is cheaper. When the arm ends better, this is FLOPs to the baseline's final loss
+  (G_stack's construction); when it ends worse, the baseline's FLOPs to the arm's final loss.
+* Δ at equal FLOPs: the arm's value minus the baseline's, both interpolated at the smaller of
+  the two runs' final evaluated FLOPs.
+* Over pairs: the mean (geometric for speedups) with a 95% Student-t interval (stats.py), and
+  "not distinguishable" where the interval covers 1x / 0.
+* Cost ratio: the baseline's total FLOPs / the arm's (MSG's fixed-step cost ratio; read it with
+  the final values, it says nothing about quality by itself).
+
+Why: docs/architecture.md section 4."""
 
 from __future__ import annotations
 
@@ -11,7 +34,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from msgrun.report import wallclock
 from msgrun.report.runs import METRICS, SEED_KEYS, MixedDataError, ReportError, Run
+from msgrun.report.stats import Interval, mean_interval, ratio_interval
+
+MATCH_TOLERANCE = 0.02  # a budget within 2% of an arm's FLOPs is matched to it (one step overshoots)
+# Settings that must agree between compared runs: evaluation and data order
+COMPARED_SETTINGS = {
+    "train.eval_tokens": "held-out tokens per evaluation",
+    "model.seq_len": "evaluation sequence length",
+    "model.family": "model family (causal or masked loss)",
+    "data.shuffle_chunk": "data order (shuffle chunk)",
+}
 
 
 @dataclass(eq=False)
@@ -20,6 +54,14 @@ class Group:
 
     label: str
     runs: list[Run]
+
+    @property
+    def from_scratch(self) -> bool:
+        return self.runs[0].choices.get("schedule") == "none"
+
+    @property
+    def flops(self) -> float | None:
+        return _mean_or_none([r.final_flops for r in self.runs])
 
     def curves(self, metric: str) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         return [c for c in (r.curve(metric) for r in self.runs) if len(c[0])]
@@ -55,11 +97,14 @@ def label_runs(runs: list[Run]) -> None:
 
 
 def _parse_overrides(run: Run) -> dict[str, str]:
+    """The run's overrides that make it a different arm: not its seed, and not a setting of a
+    config group it does not use (operator.ramp_steps on an operator=none run changes nothing)."""
     parsed = {}
     for text in run.overrides:
         key, _, value = text.partition("=")
         key = key.lstrip("+~")  # Hydra's add (+, ++) and delete (~) prefixes
-        if key not in SEED_KEYS:
+        unused_group = run.choices.get(key.split(".")[0]) == "none" and "." in key
+        if key not in SEED_KEYS and not unused_group:
             parsed[key] = value
     return parsed
 
@@ -75,37 +120,76 @@ def group_runs(runs: list[Run]) -> list[Group]:
 
 
 @dataclass
+class Crossing:
+    """Where a run's curve crosses a target and stays at or below it."""
+
+    flops: float
+    wall: float
+    before: tuple[float, float] | None  # (FLOPs, value) of the last evaluation above the target
+    after: tuple[float, float]  # (FLOPs, value) of the first evaluation of the stretch below it
+
+
+@dataclass
+class Pair:
+    """An arm's run and its baseline's run of the same seed (same data in the same order)."""
+
+    seed: int | None
+    run: str
+    baseline_run: str
+    target: float | None
+    arm: Crossing | None  # None: the arm's run did not reach the target
+    base: Crossing | None
+    speedup_flops: float | None
+    speedup_wall: float | None
+    speedup_wall_normalised: float | None
+    gap: float | None  # arm minus baseline at equal FLOPs
+    gap_flops: float | None
+    cost_ratio: float | None  # baseline's total FLOPs / the arm's
+
+
+@dataclass
 class Row:
     """One line of the comparison table. None means "not available"; see the footnotes."""
 
     label: str
     n: int
     status: str
-    is_baseline: bool
+    is_baseline: bool  # a baseline of at least one other row
+    baseline: str | None  # label of the baseline this row is compared with
+    baseline_kind: str | None  # matched | largest budget | --baseline
     final_mean: float | None
     final_std: float | None
     flops: float | None
     wall_time: float | None
-    reached: int  # runs that reached the target
-    flops_to_target: float | None  # mean over runs, only when all of them reached it
+    reached: int  # runs (with a baseline: pairs) that reached the target
+    flops_to_target: float | None  # mean over runs or pairs, only when all of them reached it
     wall_to_target: float | None
-    speedup_flops: float | None
-    speedup_wall: float | None
-    gap: float | None  # this group's metric minus the baseline's at equal FLOPs
-    gap_flops: float | None  # where the gap was measured
+    speedup_flops: Interval | None
+    speedup_wall: Interval | None  # None when raw wall-clock cannot be compared (wall_problems)
+    speedup_wall_normalised: Interval | None
+    gap: Interval | None
+    gap_flops: float | None  # mean FLOPs at which the per-pair gaps were measured
+    cost_ratio: float | None
     growth_events: tuple[int, int]  # (min, max) over runs
     runs: list[str]
+    pairs: list[Pair]
+    wall_problems: list[str]
+    downstream: dict[str, float]  # mean of each eval/<task>/<metric> over the runs that have it
 
 
 @dataclass
 class Comparison:
     metric: str
-    target: float | None
+    target: float | None  # --target; None: a target per pair
     target_source: str
-    baseline: Group | None
+    baselines: list[Group]
     groups: list[Group]
     rows: list[Row]
     notes: list[str]
+
+    @property
+    def downstream_keys(self) -> list[str]:
+        return sorted({k for r in self.rows for k in r.downstream})
 
 
 def compare(runs: list[Run], target: float | None = None, metric: str = "val_loss", **kwargs) -> list[Row]:
@@ -120,11 +204,14 @@ def analyse(
     baseline: str | None = None,
     allow_mixed_data: bool = False,
 ) -> Comparison:
-    """Group the runs, check that they are comparable, and compute the table.
+    """Group the runs, check that they are comparable, pair each group with its baseline, and
+    compute the table.
 
-    baseline: a group label (or a unique part of one); default: the group with schedule=none.
-    Raises MixedDataError if fingerprints differ (unless allow_mixed_data), ReportError for
-    other unusable input."""
+    target: a fixed target for every run (default: one per pair, see the module doc).
+    baseline: a group label (or a unique part of one) to compare every group with (default: per
+    group, its matched from-scratch baseline, else the from-scratch group with the largest budget).
+    Raises MixedDataError if data, tokenizer, evaluation settings or data order differ (unless
+    allow_mixed_data), ReportError for other unusable input."""
     if metric not in METRICS:
         raise ReportError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
     if not runs:
@@ -137,105 +224,145 @@ def analyse(
     notes = [n for r in runs for n in r.notes]
     label_runs(runs)
     groups = group_runs(runs)
-    base, why = _pick_baseline(groups, baseline)
-    if why:
-        notes.append(why)
-    notes += _check_fingerprints(runs, base, allow_mixed_data)
+    assigned, why = _assign_baselines(groups, baseline)
+    notes += why
+    baselines = [g for g in groups if any(b is g for b, _ in assigned.values())]
+    notes += _check_fingerprints(runs, baselines[0] if baselines else None, allow_mixed_data)
+    notes += _check_settings(runs, allow_mixed_data)
+    notes += wallclock.placement_notes(runs)
 
-    if target is not None:
-        target_source = "--target"
-    elif base is not None and base.curves(metric):
-        # The baseline's final value; over several seeds the *highest* one. The mean would be
-        # missed by every seed that ends above it, and as to-target is only given when all
-        # seeds reach the target, the baseline would have no to-target and no speedup at all.
-        finals = [c[2][-1] for c in base.curves(metric)]
-        target = float(np.max(finals))
-        target_source = f"the baseline's final {metric}" + (
-            f", the highest of its {len(finals)} seeds (mean {np.mean(finals):.4f})" if len(finals) > 1 else ""
-        )
-    else:
-        target_source = "none"
-        notes.append("no target: without a baseline, pass --target to get FLOPs-to-target")
-
-    stats = {g.label: _group_stats(g, metric, target) for g in groups}
-    base_stats = stats[base.label] if base else None
-    if base_stats and target is not None and base_stats["reached"] < len(base.runs):
-        notes.append(f"the baseline does not reach the target {target:.4g}: no speedups")
     rows = []
     for g in groups:
-        s = stats[g.label]
-        gap, gap_flops = (None, None) if base is None or g is base else _gap(g, base, metric)
-        rows.append(Row(
-            label=g.label,
-            n=len(g.runs),
-            status=_status(g),
-            is_baseline=g is base,
-            final_mean=s["final_mean"],
-            final_std=s["final_std"],
-            flops=_mean_or_none([r.final_flops for r in g.runs]),
-            wall_time=_mean_or_none([r.final_wall_time for r in g.runs]),
-            reached=s["reached"],
-            flops_to_target=s["flops_to_target"],
-            wall_to_target=s["wall_to_target"],
-            speedup_flops=_ratio(base_stats and base_stats["flops_to_target"], s["flops_to_target"]),
-            speedup_wall=_ratio(base_stats and base_stats["wall_to_target"], s["wall_to_target"]),
-            gap=gap,
-            gap_flops=gap_flops,
-            growth_events=(min(len(r.growth) for r in g.runs), max(len(r.growth) for r in g.runs)),
-            runs=[r.name for r in g.runs],
-        ))
+        base, kind = assigned.get(id(g), (None, None))
+        rows.append(_row(g, base, kind, metric, target, is_baseline=any(g is b for b in baselines), notes=notes))
     incomplete = [r.name for r in runs if r.status != "completed"]
     if incomplete:
         notes.append(f"not completed (no summary.json, or status failed): {', '.join(incomplete)}")
-    return Comparison(metric, target, target_source, base, groups, rows, notes)
+    target_source = "--target" if target is not None else "per pair: the worse of the two runs' final values"
+    return Comparison(metric, target, target_source, baselines, groups, rows, notes)
 
 
-def to_target(run: Run, metric: str, target: float) -> tuple[float, float] | None:
-    """(FLOPs, wall-clock seconds) at which `run` first reaches `target` (value <= target),
-    linear between the two evaluations that bracket the crossing; None if it never does."""
+def _row(g: Group, base: Group | None, kind: str | None, metric: str, target: float | None,
+         is_baseline: bool, notes: list[str]) -> Row:
+    finals = [c[2][-1] for c in g.curves(metric)]
+    pairs, problems = [], []
+    if base is not None:
+        pairs = _pairs(g, base, metric, target, notes)
+        problems = wallclock.wall_problems(g.runs, base.runs)
+        if problems:
+            notes.append(f"{g.label!r} against {base.label!r}: raw wall-clock speedup not shown: " + "; ".join(problems))
+    if pairs:
+        costs = [p.arm for p in pairs]
+    elif target is not None:
+        costs = [crossing(r, metric, target) for r in g.runs]
+    else:
+        costs = []
+    all_reached = bool(costs) and all(c is not None for c in costs)
+    downstream: dict[str, list[float]] = {}
+    for run in g.runs:
+        for key, value in run.downstream.items():
+            downstream.setdefault(key, []).append(value)
+
+    def over_pairs(field: str, interval):
+        return interval([getattr(p, field) for p in pairs if getattr(p, field) is not None])
+
+    return Row(
+        label=g.label,
+        n=len(g.runs),
+        status=_status(g),
+        is_baseline=is_baseline,
+        baseline=base.label if base is not None else None,
+        baseline_kind=kind,
+        final_mean=float(np.mean(finals)) if finals else None,
+        final_std=float(np.std(finals, ddof=1)) if len(finals) > 1 else None,
+        flops=g.flops,
+        wall_time=_mean_or_none([r.final_wall_time for r in g.runs]),
+        reached=sum(c is not None for c in costs),
+        flops_to_target=float(np.mean([c.flops for c in costs])) if all_reached else None,
+        wall_to_target=_mean_or_none([c.wall for c in costs]) if all_reached else None,
+        speedup_flops=over_pairs("speedup_flops", ratio_interval),
+        speedup_wall=None if problems else over_pairs("speedup_wall", ratio_interval),
+        speedup_wall_normalised=over_pairs("speedup_wall_normalised", ratio_interval),
+        gap=over_pairs("gap", mean_interval),
+        gap_flops=_mean_or_none([p.gap_flops for p in pairs]),
+        cost_ratio=_mean_or_none([p.cost_ratio for p in pairs]),
+        growth_events=(min(len(r.growth) for r in g.runs), max(len(r.growth) for r in g.runs)),
+        runs=[r.name for r in g.runs],
+        pairs=pairs,
+        wall_problems=problems,
+        downstream={k: float(np.mean(v)) for k, v in downstream.items()},
+    )
+
+
+def _pairs(g: Group, base: Group, metric: str, target: float | None, notes: list[str]) -> list[Pair]:
+    """Per-seed comparisons of an arm with its baseline."""
+    by_seed = _by_seed(base)
+    pairs, unpaired = [], []
+    arm_rates, base_rates = wallclock.throughput(g.runs), wallclock.throughput(base.runs)
+    for run in _by_seed(g).values():
+        other = by_seed.get(run.seed)
+        arm_curve, base_curve = run.curve(metric), other.curve(metric) if other else None
+        if other is None or not len(arm_curve[0]) or not len(base_curve[0]):
+            unpaired.append(run.name)
+            continue
+        pair_target = target if target is not None else max(arm_curve[2][-1], base_curve[2][-1])
+        mine, theirs = crossing(run, metric, pair_target), crossing(other, metric, pair_target)
+        both = mine is not None and theirs is not None
+        at = min(arm_curve[0][-1], base_curve[0][-1])
+        est_mine = both and wallclock.normalised_wall(run, arm_rates, mine.flops)
+        est_theirs = both and wallclock.normalised_wall(other, base_rates, theirs.flops)
+        pairs.append(Pair(
+            seed=run.seed, run=run.name, baseline_run=other.name, target=pair_target, arm=mine, base=theirs,
+            speedup_flops=_ratio(theirs.flops, mine.flops) if both else None,
+            speedup_wall=_ratio(theirs.wall, mine.wall) if both else None,
+            speedup_wall_normalised=_ratio(est_theirs, est_mine) if both else None,
+            gap=float(np.interp(at, arm_curve[0], arm_curve[2]) - np.interp(at, base_curve[0], base_curve[2])),
+            gap_flops=float(at),
+            cost_ratio=_ratio(other.final_flops, run.final_flops),
+        ))
+    if unpaired:
+        notes.append(f"{g.label!r}: no run of the same seed in its baseline {base.label!r} for "
+                     f"{', '.join(unpaired)}: left out of the paired statistics")
+    return pairs
+
+
+def _by_seed(g: Group) -> dict:
+    runs: dict = {}
+    for run in g.runs:
+        runs.setdefault(run.seed, run)  # a repeated seed: the first run found counts
+    return runs
+
+
+def crossing(run: Run, metric: str, target: float) -> Crossing | None:
+    """Where `run`'s curve crosses `target` for good: the first evaluation after which every
+    evaluation is at or below the target, linearly interpolated from the evaluation before it.
+    None if the last evaluation is above the target."""
     flops, wall, value = run.curve(metric)
-    below = np.flatnonzero(value <= target)
-    if not len(below):
+    above = np.flatnonzero(value > target)
+    if not len(value) or (len(above) and above[-1] == len(value) - 1):
         return None
-    i = int(below[0])
-    if i == 0:
-        return float(flops[0]), float(wall[0])  # already there at the first evaluation
+    if not len(above):
+        # at or below from the first evaluation on: the crossing is at (or before) that point
+        return Crossing(float(flops[0]), float(wall[0]), None, (float(flops[0]), float(value[0])))
+    i = int(above[-1]) + 1
     frac = (value[i - 1] - target) / (value[i - 1] - value[i])
 
     # the same weight on both axes: the crossing is one moment of training
     def at(x: np.ndarray) -> float:
         return float(x[i - 1] + frac * (x[i] - x[i - 1]))
 
-    return at(flops), at(wall)
+    return Crossing(at(flops), at(wall), (float(flops[i - 1]), float(value[i - 1])),
+                    (float(flops[i]), float(value[i])))
 
 
-def _group_stats(group: Group, metric: str, target: float | None) -> dict:
-    finals = [c[2][-1] for c in group.curves(metric)]
-    hits = [to_target(r, metric, target) for r in group.runs] if target is not None else []
-    reached = [h for h in hits if h is not None]
-    all_reached = bool(hits) and len(reached) == len(hits)
-    return {
-        "final_mean": float(np.mean(finals)) if finals else None,
-        "final_std": float(np.std(finals, ddof=1)) if len(finals) > 1 else None,
-        "reached": len(reached),
-        "flops_to_target": float(np.mean([h[0] for h in reached])) if all_reached else None,
-        "wall_to_target": _mean_or_none([h[1] for h in reached]) if all_reached else None,
-    }
+def to_target(run: Run, metric: str, target: float) -> tuple[float, float] | None:
+    """(FLOPs, wall-clock seconds) at which `run` reaches `target` for good (see crossing)."""
+    hit = crossing(run, metric, target)
+    return None if hit is None else (hit.flops, hit.wall)
 
 
-def _gap(group: Group, base: Group, metric: str) -> tuple[float | None, float | None]:
-    """Mean metric of `group` minus the baseline's, both interpolated at the same FLOPs: the
-    end of the shorter evaluated curve, so that neither is extrapolated."""
-    curves, base_curves = group.curves(metric), base.curves(metric)
-    if not curves or not base_curves:
-        return None, None
-    at = min(c[0][-1] for c in curves + base_curves)
-    mine = np.mean([np.interp(at, c[0], c[2]) for c in curves])
-    theirs = np.mean([np.interp(at, c[0], c[2]) for c in base_curves])
-    return float(mine - theirs), float(at)
-
-
-def _pick_baseline(groups: list[Group], wanted: str | None) -> tuple[Group | None, str | None]:
+def _assign_baselines(groups: list[Group], wanted: str | None) -> tuple[dict, list[str]]:
+    """{id(group): (baseline group, kind)} for every group that has a baseline, and notes."""
     if wanted:
         matches = [g for g in groups if g.label == wanted] or [g for g in groups if wanted in g.label]
         if len(matches) != 1:
@@ -243,17 +370,66 @@ def _pick_baseline(groups: list[Group], wanted: str | None) -> tuple[Group | Non
                 f"--baseline {wanted!r} matches {len(matches)} groups; the labels are: "
                 + "; ".join(repr(g.label) for g in groups)
             )
-        return matches[0], None
-    scratch = [g for g in groups if g.runs[0].choices.get("schedule") == "none"]
-    if len(scratch) == 1:
-        return scratch[0], None
+        return {id(g): (matches[0], "--baseline") for g in groups if g is not matches[0]}, []
+    scratch = [g for g in groups if g.from_scratch]
     if not scratch:
-        return None, "no baseline: no group has schedule=none (from scratch); speedups need one (--baseline LABEL picks another)"
-    return None, (
-        "no baseline: several from-scratch groups ("
-        + "; ".join(repr(g.label) for g in scratch)
-        + "); pick one with --baseline LABEL"
-    )
+        return {}, ["no baseline: no group has schedule=none (from scratch); speedups need one "
+                    "(--baseline LABEL picks another)"]
+    # budget-matched baselines trained with train.max_flops; the rest ran their own budgets
+    budgeted = [g for g in scratch if all(r.max_flops for r in g.runs)]
+    full = [g for g in scratch if g not in budgeted] or scratch
+    largest = max(full, key=lambda g: g.flops or 0.0)
+    assigned, notes, unmatched = {}, [], []
+    for g in groups:
+        if g is largest:
+            continue
+        matched = [b for b in budgeted if b is not g and _same_budget(b, g)]
+        if matched:
+            assigned[id(g)] = (min(matched, key=lambda b: abs(b.flops / g.flops - 1)), "matched")
+        elif _same_budget(largest, g):
+            assigned[id(g)] = (largest, "same budget")  # both ran their own schedule to the same FLOPs
+        else:
+            assigned[id(g)] = (largest, "largest budget")
+            if not g.from_scratch:
+                unmatched.append(g)
+    if unmatched:
+        budgets = ",".join(f"{g.flops:.4g}" for g in unmatched if g.flops)
+        seeds = ",".join(str(s) for s in sorted({r.seed for g in unmatched for r in g.runs if r.seed is not None}))
+        notes.append(
+            "no matched baseline (schedule=none trained with train.max_flops within "
+            f"{MATCH_TOLERANCE:.0%} of the group's FLOPs) for " + "; ".join(repr(g.label) for g in unmatched)
+            + f": compared with {largest.label!r}, the from-scratch group with the largest budget, which is "
+            "mid-schedule where it is compared. For annealed baselines at these budgets run "
+            f"`msgrun -m sweep=matched_baselines train.max_flops={budgets}"
+            + (f" train.seed={seeds}" if seeds else "") + " <the arms' shared overrides>` and report both sweeps "
+            "together.")
+    return assigned, notes
+
+
+def _same_budget(a: Group, b: Group) -> bool:
+    return bool(a.flops and b.flops) and abs(a.flops / b.flops - 1) <= MATCH_TOLERANCE
+
+
+def _check_settings(runs: list[Run], allow_mixed: bool) -> list[str]:
+    """Refuse runs evaluated differently or fed data in a different order (COMPARED_SETTINGS)."""
+    differing = []
+    for key, meaning in COMPARED_SETTINGS.items():
+        values: dict[str, list[str]] = {}
+        for run in runs:
+            value = run.setting(key)
+            if run.config:
+                values.setdefault(repr(value), []).append(run.name)
+        if len(values) > 1:
+            listing = "; ".join(f"{value} in {', '.join(names)}" for value, names in values.items())
+            differing.append(f"{key} ({meaning}): {listing}")
+    if not differing:
+        return []
+    message = ("refusing to compare runs evaluated or fed differently: " + " | ".join(differing) + ". Losses "
+               "measured on other held-out tokens or lengths, or after another data order, differ for reasons "
+               "that are not the growth method. Rerun with the same settings, or pass --allow-mixed-data.")
+    if not allow_mixed:
+        raise MixedDataError(message)
+    return ["WARNING (--allow-mixed-data): " + message]
 
 
 def _check_fingerprints(runs: list[Run], base: Group | None, allow_mixed: bool) -> list[str]:

@@ -20,11 +20,12 @@ def plot(comp: Comparison, out_dir: Path) -> list[Path]:
     colours = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple",
                "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
     styles = {}
-    others = [g for g in comp.groups if g is not comp.baseline]
+    others = [g for g in comp.groups if not any(g is b for b in comp.baselines)]
     for i, g in enumerate(others):
         styles[g.label] = {"color": colours[i % len(colours)], "linestyle": "-", "linewidth": 1.8}
-    if comp.baseline is not None:
-        styles[comp.baseline.label] = {"color": "black", "linestyle": "--", "linewidth": 2.0}
+    # baselines in black and greys, dashed: several exist when arms have matched baselines
+    for i, g in enumerate(comp.baselines):
+        styles[g.label] = {"color": str(min(0.6, 0.2 * i)), "linestyle": ("--", "-.", ":")[i % 3], "linewidth": 2.0}
 
     written = []
     ylim = None
@@ -33,7 +34,8 @@ def plot(comp: Comparison, out_dir: Path) -> list[Path]:
         ax = fig.subplots()
         plotted, xs = [], []
         for g in comp.groups:
-            label = g.label + (" (baseline)" if g is comp.baseline else "") + (f" (n={len(g.runs)})" if len(g.runs) > 1 else "")
+            baseline = any(g is b for b in comp.baselines)
+            label = g.label + (" (baseline)" if baseline else "") + (f" (n={len(g.runs)})" if len(g.runs) > 1 else "")
             x, values = _plot_group(ax, g, comp.metric, axis, styles[g.label], label)
             xs.append(x)
             plotted += values
@@ -73,7 +75,8 @@ def plot(comp: Comparison, out_dir: Path) -> list[Path]:
 
 
 def _plot_group(ax, group: Group, metric: str, axis: str, style: dict, label: str):
-    """Draw one group's mean curve, min-max band, faint train loss and growth markers; returns
+    """Draw one group: each run's curve thin, the mean over the runs thick (over the full range,
+    each point averaging the runs that reach it), faint train loss and growth markers; returns
     the x and the validation values drawn (for the axis ranges)."""
     curves = []
     for run in group.runs:
@@ -84,10 +87,11 @@ def _plot_group(ax, group: Group, metric: str, axis: str, style: dict, label: st
             curves.append((x[keep], value[keep]))
     if not curves:
         return np.array([]), []
-    x, mean, lo, hi = _mean_band(curves)
+    x, mean = _mean_curve(curves)
     ax.plot(x, mean, label=label, zorder=3, **style)
     if len(curves) > 1:
-        ax.fill_between(x, lo, hi, color=style["color"], alpha=0.15, linewidth=0, zorder=2)
+        for cx, cy in curves:
+            ax.plot(cx, cy, color=style["color"], linestyle="-", linewidth=0.7, alpha=0.5, zorder=2)
 
     if metric == "val_loss":
         for run in group.runs:
@@ -104,7 +108,7 @@ def _plot_group(ax, group: Group, metric: str, axis: str, style: dict, label: st
             if gx is not None and x[0] <= gx <= x[-1]:
                 ax.plot([gx], [np.interp(gx, x, mean)], linestyle="none", marker="^", markersize=8,
                         markerfacecolor=style["color"], markeredgecolor="black", zorder=4)
-    return x, [mean, lo, hi]
+    return x, [mean, *(c[1] for c in curves)]
 
 
 def _event_x(run: Run, event: dict, axis: str) -> float | None:
@@ -116,17 +120,15 @@ def _event_x(run: Run, event: dict, axis: str) -> float | None:
     return run.wall_at_flops(float(event["flops"])) if finite(event.get("flops")) else None
 
 
-def _mean_band(curves: list[tuple[np.ndarray, np.ndarray]]):
-    """Mean, min and max of several curves on the union of their x points, restricted to the
-    range that all of them cover (so the mean never mixes in extrapolated values)."""
+def _mean_curve(curves: list[tuple[np.ndarray, np.ndarray]]):
+    """The mean of several curves on the union of their x points. Each point averages the curves
+    whose range covers it (none is extrapolated), so the mean spans the full range and a seed
+    that ran longer, or ran slower in wall-clock, is not cut away."""
     if len(curves) == 1:
-        x, y = curves[0]
-        return x, y, y, y
-    start = max(c[0][0] for c in curves)
-    end = min(c[0][-1] for c in curves)
+        return curves[0]
     grid = np.unique(np.concatenate([c[0] for c in curves]))
-    grid = grid[(grid >= start) & (grid <= end)]
-    if not len(grid):
-        grid = np.array([start]) if start <= end else curves[0][0]
-    ys = np.array([np.interp(grid, cx, cy) for cx, cy in curves])
-    return grid, ys.mean(axis=0), ys.min(axis=0), ys.max(axis=0)
+    values = np.full((len(curves), len(grid)), np.nan)
+    for i, (cx, cy) in enumerate(curves):
+        inside = (grid >= cx[0]) & (grid <= cx[-1])
+        values[i, inside] = np.interp(grid[inside], cx, cy)
+    return grid, np.nanmean(values, axis=0)

@@ -27,9 +27,8 @@ class ReportError(Exception):
 
 
 class MixedDataError(ReportError):
-    """Runs with different data or tokenizer fingerprints were asked to be compared."""
-
-
+    """Runs with different data, tokenizer, evaluation settings or data order were asked to be
+    compared."""
 
 
 @dataclass(eq=False)  # runs are compared by identity: two runs never "equal" each other
@@ -51,6 +50,35 @@ class Run:
     source: str = "metrics.jsonl"
     notes: list[str] = field(default_factory=list)
     label: str = ""  # set by label_runs(): depends on which runs are compared
+    config: dict = field(default_factory=dict)  # the run's config (.hydra/config.yaml, or wandb's)
+    downstream: dict = field(default_factory=dict)  # eval/<task>/<metric> results (downstream_results)
+
+    def setting(self, dotted: str):
+        """A config value by its dotted key (train.eval_tokens), or None where unknown."""
+        node = self.config
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        return node
+
+    @property
+    def provenance(self) -> dict:
+        """Where the run trained: the keys of summary.json that say so (msgrun/provenance.py)."""
+        s = self.summary or {}
+        return {k: s.get(k) for k in ("device", "device_name", "world_size", "host", "cpus", "loadavg")}
+
+    @property
+    def max_flops(self) -> float | None:
+        """The run's train.max_flops budget, if it had one."""
+        value = self.setting("train.max_flops")
+        if value is None:
+            value = next((o.partition("=")[2] for o in self.overrides if o.lstrip("+").startswith("train.max_flops=")),
+                         None)
+        try:
+            return float(value) if value is not None else None
+        except ValueError:
+            return None
 
     def curve(self, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(flops, wall_time, value) of the evaluation points that logged `metric`.
@@ -89,7 +117,6 @@ class Run:
         return float(np.interp(flops, xs, ys))
 
 
-
 def read_run_dir(d: Path, name: str) -> Run:
     notes: list[str] = []
     rows = read_jsonl(d / "metrics.jsonl", notes)
@@ -125,7 +152,19 @@ def read_run_dir(d: Path, name: str) -> Run:
         data_fingerprint=s.get("data_fingerprint"),
         tokenizer_fingerprint=s.get("tokenizer_fingerprint"),
         notes=notes,
+        config=config,
+        downstream=downstream_results(summary, rows),
     )
+
+
+def downstream_results(summary: dict | None, rows: list[dict]) -> dict[str, float]:
+    """Downstream evaluation results, the `eval/<task>/<metric>` keys: from summary.json, else
+    the last metrics line that carries them."""
+    for source in [summary or {}, *reversed(rows)]:
+        found = {k: float(v) for k, v in source.items() if k.startswith("eval/") and finite(v)}
+        if found:
+            return found
+    return {}
 
 
 def split_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:

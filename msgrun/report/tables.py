@@ -11,72 +11,131 @@ from pathlib import Path
 from msgrun.report.compare import Comparison, Row
 from msgrun.report.figures import plot
 from msgrun.report.runs import DASH, NOT_REACHED
+from msgrun.report.stats import Interval
+from msgrun.report.wallclock import WALL_SPREAD
+
+NOT_DISTINGUISHABLE = "not distinguishable from"
 
 COLUMNS = [
     ("label", "group"),
+    ("baseline", "compared with"),
     ("n", "n"),
     ("status", "status"),
     ("final", "final {metric}"),
     ("flops", "FLOPs"),
     ("wall_time", "wall-clock"),
-    ("flops_to_target", "FLOPs to target"),
-    ("wall_to_target", "wall-clock to target"),
-    ("speedup_flops", "speedup (FLOPs)"),
-    ("speedup_wall", "speedup (wall)"),
-    ("gap", "Δ{metric} at equal FLOPs ¹"),
+    ("flops_to_target", "FLOPs to target ¹"),
+    ("speedup_flops", "speedup (FLOPs) ²"),
+    ("speedup_wall", "speedup (wall) ³"),
+    ("speedup_wall_normalised", "speedup (wall, normalised) ³"),
+    ("gap", "Δ{metric} at equal FLOPs ⁴"),
+    ("cost_ratio", "cost ratio ⁵"),
     ("growth_events", "growth events"),
 ]
 
 
 def format_row(row: Row) -> dict[str, str]:
     """Display strings for a row (the rich table and table.md)."""
-    not_reached = NOT_REACHED if row.n == 1 else f"{NOT_REACHED} ({row.reached}/{row.n})"
+    counted = len(row.pairs) or row.n
+    not_reached = NOT_REACHED if counted == 1 else f"{NOT_REACHED} ({row.reached}/{counted})"
     reached = row.flops_to_target is not None
     final = DASH if row.final_mean is None else f"{row.final_mean:.4f}"
     if row.final_std is not None:
         final += f" ± {row.final_std:.4f}"
     lo, hi = row.growth_events
-    return {
-        "label": row.label + (" (baseline)" if row.is_baseline else ""),
-        "n": str(row.n),
+    tried = bool(row.pairs) or row.flops_to_target is not None or row.reached
+    if row.baseline is None:
+        baseline = "(baseline)" if row.is_baseline else DASH
+    else:
+        baseline = f"{row.baseline} ({row.baseline_kind})"
+    cells = {
+        "label": row.label,
+        "baseline": baseline,
+        "n": str(row.n) if not row.pairs or len(row.pairs) == row.n else f"{row.n} ({len(row.pairs)} paired)",
         "status": row.status,
         "final": final,
         "flops": _fmt_flops(row.flops),
         "wall_time": _fmt_seconds(row.wall_time),
-        "flops_to_target": _fmt_flops(row.flops_to_target) if reached else not_reached,
-        "wall_to_target": _fmt_seconds(row.wall_to_target) if reached else not_reached,
-        "speedup_flops": DASH if row.speedup_flops is None else f"{row.speedup_flops:.2f}×",
-        "speedup_wall": DASH if row.speedup_wall is None else f"{row.speedup_wall:.2f}×",
-        "gap": DASH if row.gap is None else f"{row.gap:+.4f} @ {_fmt_flops(row.gap_flops)}",
+        "flops_to_target": _fmt_flops(row.flops_to_target) if reached else (not_reached if tried else DASH),
+        "speedup_flops": _fmt_interval(row.speedup_flops, "{:.2f}×"),
+        "speedup_wall": _fmt_interval(row.speedup_wall, "{:.2f}×") if not row.wall_problems else "unreliable ³",
+        "speedup_wall_normalised": _fmt_interval(row.speedup_wall_normalised, "{:.2f}×"),
+        "gap": _fmt_interval(row.gap, "{:+.4f}") + ("" if row.gap_flops is None else f" @ {_fmt_flops(row.gap_flops)}"),
+        "cost_ratio": DASH if row.cost_ratio is None else f"{row.cost_ratio:.2f}×",
         "growth_events": str(lo) if lo == hi else f"{lo}–{hi}",
     }
+    cells.update({key: f"{value:.4g}" for key, value in row.downstream.items()})
+    return cells
 
 
-def _csv_record(row: Row) -> dict:
+def _fmt_interval(iv: Interval | None, fmt: str) -> str:
+    """'1.52× [1.31, 1.76]', with n, and the verdict where the interval covers no effect."""
+    if iv is None:
+        return DASH
+    text = fmt.format(iv.estimate)
+    if iv.lo is None:
+        return text + " (n=1, no interval)"
+    text += f" [{fmt.format(iv.lo)}, {fmt.format(iv.hi)}] n={iv.n}"
+    if not iv.distinguishable:
+        text += f", {NOT_DISTINGUISHABLE} {'1×' if iv.null == 1 else '0'}"
+    return text
+
+
+def _csv_record(row: Row, downstream_keys: list[str] = ()) -> dict:
     # Full precision for numbers; the same words as the table where there is no number, so a
     # run that missed the target can never be read as having a to-target cost
     shown = format_row(row)
     reached = row.flops_to_target is not None
-    return {
+    record = {
         "label": row.label,
         "baseline": row.is_baseline,
+        "compared_with": row.baseline or "",
+        "baseline_kind": row.baseline_kind or "",
         "n": row.n,
+        "pairs": len(row.pairs),
         "status": row.status,
         "final_mean": _num(row.final_mean),
         "final_std": _num(row.final_std),
         "flops": _num(row.flops),
         "wall_time_s": _num(row.wall_time),
-        "reached_target": f"{row.reached}/{row.n}",
+        "reached_target": f"{row.reached}/{len(row.pairs) or row.n}",
         "flops_to_target": _num(row.flops_to_target) if reached else shown["flops_to_target"],
-        "wall_to_target_s": _num(row.wall_to_target) if reached else shown["wall_to_target"],
-        "speedup_flops": _num(row.speedup_flops) if row.speedup_flops is not None else DASH,
-        "speedup_wall": _num(row.speedup_wall) if row.speedup_wall is not None else DASH,
-        "gap_at_equal_flops": _num(row.gap) if row.gap is not None else DASH,
+        "wall_to_target_s": _num(row.wall_to_target) if reached else shown["flops_to_target"],
+    }
+    for name in ("speedup_flops", "speedup_wall", "speedup_wall_normalised", "gap"):
+        iv = getattr(row, name)
+        record[name] = _num(iv.estimate) if iv else DASH
+        record[f"{name}_ci_low"] = _num(iv.lo) if iv else ""
+        record[f"{name}_ci_high"] = _num(iv.hi) if iv else ""
+        record[f"{name}_distinguishable"] = "" if iv is None or iv.distinguishable is None else iv.distinguishable
+    record.update({
         "gap_flops": _num(row.gap_flops),
+        "cost_ratio": _num(row.cost_ratio),
+        "wall_problems": "; ".join(row.wall_problems),
         "growth_events_min": row.growth_events[0],
         "growth_events_max": row.growth_events[1],
         "runs": ";".join(row.runs),
-    }
+    })
+    record.update({key: _num(row.downstream.get(key)) for key in downstream_keys})
+    return record
+
+
+def _pair_records(comp: Comparison) -> list[dict]:
+    """pairs.csv: every per-seed comparison with the evaluations that bracket each crossing."""
+    records = []
+    for row in comp.rows:
+        for p in row.pairs:
+            record = {"group": row.label, "compared_with": row.baseline, "seed": p.seed, "run": p.run,
+                      "baseline_run": p.baseline_run, "target": _num(p.target)}
+            for side, hit in (("arm", p.arm), ("baseline", p.base)):
+                record[f"{side}_flops_to_target"] = _num(hit.flops) if hit else NOT_REACHED
+                record[f"{side}_wall_to_target_s"] = _num(hit.wall) if hit else ""
+                record[f"{side}_bracket_before"] = "" if not hit or not hit.before else f"{hit.before[0]!r}:{hit.before[1]!r}"
+                record[f"{side}_bracket_after"] = f"{hit.after[0]!r}:{hit.after[1]!r}" if hit else ""
+            record.update({name: _num(getattr(p, name)) for name in (
+                "speedup_flops", "speedup_wall", "speedup_wall_normalised", "gap", "gap_flops", "cost_ratio")})
+            records.append(record)
+    return records
 
 
 def _num(x: float | None) -> str:
@@ -102,36 +161,57 @@ def _fmt_seconds(s: float | None) -> str:
 
 def footnotes(comp: Comparison) -> list[str]:
     m = comp.metric
-    target = "none" if comp.target is None else f"{comp.target:.4f} ({comp.target_source})"
+    target = (f"{comp.target:.4f} (--target) for every run" if comp.target is not None else
+              "per seed pair, the worse (higher) of the two runs' final values, which both reach")
     return [
-        f"Target {m}: {target}.",
-        "To target: first evaluation at or below the target, linearly interpolated between the "
-        "two evaluations that bracket the crossing (wall-clock at the same point); for several "
-        "seeds the mean, given only when every seed reached it.",
-        "Speedup: the baseline's to-target cost divided by the group's (above 1: cheaper).",
-        f"¹ Δ{m} at equal FLOPs: the group's {m} minus the baseline's, both linearly interpolated "
-        "between evaluations at the same FLOPs, the smaller of the two groups' final evaluated "
-        "FLOPs (after @); negative is better. It needs no target, so it stays meaningful where "
-        "flat curves make FLOPs-to-target ill-conditioned.",
-        "± is the sample standard deviation over seeds; n counts runs.",
+        "Groups: runs that differ only in train.seed. Each group is compared with a from-scratch baseline "
+        "(compared with): 'matched' = trained with train.max_flops at the group's FLOPs (both annealed at the "
+        "point compared); 'largest budget' = the longest from-scratch run, mid-schedule where it is compared; "
+        "'--baseline' = chosen by hand. Runs of one seed (same data, same order) form a pair; n counts runs.",
+        f"¹ Target {m}: {target}. A run reaches it where its curve crosses it and stays at or below it at every "
+        "later evaluation, linearly interpolated between the two evaluations that bracket that crossing "
+        "(pairs.csv lists them). FLOPs to target: the mean, given only when every run reached it.",
+        "² Speedup: the baseline's cost to the target divided by the group's, per pair, then the geometric mean "
+        "and a 95% Student-t interval of the log ratios [low, high]; 'not distinguishable from 1×' where the "
+        "interval covers 1. Where the group ends better this is FLOPs to the baseline's final loss (G_stack's "
+        "construction); where it ends worse, the baseline's FLOPs to the group's final loss.",
+        "³ Raw wall-clock speedup is shown as 'unreliable' (and the reason listed below) when the runs ran on "
+        f"different devices or world sizes, or a group's wall time per FLOP varies more than "
+        f"{WALL_SPREAD}× across seeds. Normalised: the FLOPs spent at each shape divided by the group's median "
+        "steady-state FLOP/s at that shape, plus growth events' seconds: a wall-clock estimate without the "
+        "machine's load.",
+        f"⁴ Δ{m} at equal FLOPs: per pair the group's {m} minus the baseline's, both linearly interpolated at the "
+        "smaller of the two runs' final evaluated FLOPs (mean after @); mean and 95% t interval; negative is "
+        "better. It needs no target, so it stays meaningful where flat curves make FLOPs-to-target "
+        "ill-conditioned.",
+        "⁵ Cost ratio: the baseline's total training FLOPs / the group's (MSG's fixed-step construction): a "
+        "saving only where the final values match.",
+        "± is the sample standard deviation over seeds." + (
+            f" Downstream results ({', '.join(comp.downstream_keys)}): mean over the runs that have them."
+            if comp.downstream_keys else ""),
     ]
 
 
 def write_report(comp: Comparison, out_dir: Path) -> list[Path]:
-    """Write figures (PNG, SVG) and the table (CSV, Markdown) to out_dir; returns the paths."""
+    """Write figures (PNG, SVG), the table (CSV, Markdown) and the per-seed pairs (CSV) to
+    out_dir; returns the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = plot(comp, out_dir)
-    written.append(_write_csv(comp, out_dir / "table.csv"))
+    written.append(_write_csv([_csv_record(r, comp.downstream_keys) for r in comp.rows], out_dir / "table.csv"))
+    pairs = _pair_records(comp)
+    if pairs:
+        written.append(_write_csv(pairs, out_dir / "pairs.csv"))
     written.append(_write_markdown(comp, out_dir / "table.md", figures=[p.name for p in written if p.suffix == ".png"]))
     return written
 
 
-def _headers(comp: Comparison) -> list[str]:
-    return [title.format(metric=comp.metric) for _, title in COLUMNS]
+def columns(comp: Comparison) -> list[tuple[str, str]]:
+    """(key, header) of the table's columns: the fixed ones and any downstream results."""
+    fixed = [(key, title.format(metric=comp.metric)) for key, title in COLUMNS]
+    return fixed + [(key, key) for key in comp.downstream_keys]
 
 
-def _write_csv(comp: Comparison, path: Path) -> Path:
-    records = [_csv_record(r) for r in comp.rows]
+def _write_csv(records: list[dict], path: Path) -> Path:
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(records[0]))
         writer.writeheader()
@@ -143,9 +223,10 @@ def _write_markdown(comp: Comparison, path: Path, figures: list[str]) -> Path:
     def line(cells) -> str:
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
+    cols = columns(comp)
     out = [f"# msgrun report: {comp.metric}", ""]
-    out += [line(_headers(comp)), line(["---"] * len(COLUMNS))]
-    out += [line(format_row(r)[key] for key, _ in COLUMNS) for r in comp.rows]
+    out += [line(title for _, title in cols), line(["---"] * len(cols))]
+    out += [line(format_row(r).get(key, DASH) for key, _ in cols) for r in comp.rows]
     out += [""] + [f"- {n}" for n in footnotes(comp)]
     if comp.notes:
         out += ["", "Notes:", ""] + [f"- {n}" for n in comp.notes]
@@ -159,14 +240,15 @@ def print_table(comp: Comparison, console=None) -> None:
     from rich.table import Table
 
     # rich wraps to 80 columns when output is not a terminal; the table is wider than that
-    console = console or Console(width=None if sys.stdout.isatty() else 200)
+    console = console or Console(width=None if sys.stdout.isatty() else 250)
     table = Table(title=f"msgrun report: {comp.metric}", header_style="bold")
-    for header in _headers(comp):
-        table.add_column(header, overflow="fold")
+    cols = columns(comp)
+    for _, title in cols:
+        table.add_column(title, overflow="fold")
     for row in comp.rows:
         cells = format_row(row)
         style = "bold" if row.is_baseline else ("yellow" if row.status != "completed" else None)
-        table.add_row(*(cells[key] for key, _ in COLUMNS), style=style)
+        table.add_row(*(cells.get(key, DASH) for key, _ in cols), style=style)
     console.print(table)
     for note in footnotes(comp):
         console.print(note, style="dim", markup=False, highlight=False)

@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from msgrun.report.runs import (SHAPE_KEYS, ReportError, Run, clean_choices, display_name, read_run_dir,
-                                split_rows)
+from msgrun.report.runs import (SHAPE_KEYS, ReportError, Run, clean_choices, display_name, downstream_results,
+                                read_run_dir, split_rows)
 
 
 def is_wandb_folder(path: Path) -> bool:
@@ -187,6 +187,8 @@ def _run_from_wandb(folder: Path, name: str, records: list[tuple[str, object]]) 
         tokenizer_fingerprint=_find_key(summary, "tokenizer_fingerprint") or _find_key(config, "tokenizer_fingerprint"),
         source="wandb",
         notes=notes,
+        config=config,
+        downstream=downstream_results(summary, rows),
     )
 
 
