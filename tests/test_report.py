@@ -229,8 +229,8 @@ def test_identical_curves_are_not_distinguishable_and_a_true_speedup_is(tmp_path
 def test_matched_baselines_are_chosen_per_arm(tmp_path):
     for seed in (0, 1):
         base_run(tmp_path / f"full{seed}", BASELINE, seed=seed)  # 1e12 FLOPs: the largest budget
-        # annealed at the arm's 8e11 budget (one step over it), and a shorter one matching nothing
-        base_run(tmp_path / f"matched{seed}", [(2e11, 2.9), (4e11, 2.3), (8.04e11, 1.85)], seed=seed,
+        # annealed at the arm's 8e11 budget (its last step 5% over it), and a shorter one matching nothing
+        base_run(tmp_path / f"matched{seed}", [(2e11, 2.9), (4e11, 2.3), (8.4e11, 1.85)], seed=seed,
                  overrides=["train.max_flops=8e11"])
         base_run(tmp_path / f"short{seed}", [(2e11, 2.9), (3e11, 2.5)], seed=seed, overrides=["train.max_flops=3e11"])
         write_run(tmp_path / f"arm{seed}", GROWN, seed=seed)  # ends at 8e11

@@ -38,7 +38,7 @@ from msgrun.report import wallclock
 from msgrun.report.runs import METRICS, SEED_KEYS, MixedDataError, ReportError, Run
 from msgrun.report.stats import Interval, mean_interval, ratio_interval
 
-MATCH_TOLERANCE = 0.02  # a budget within 2% of an arm's FLOPs is matched to it (one step overshoots)
+MATCH_TOLERANCE = 0.02  # a train.max_flops within 2% of an arm's FLOPs is matched to it
 # Settings that must agree between compared runs: evaluation and data order
 COMPARED_SETTINGS = {
     "train.eval_tokens": "held-out tokens per evaluation",
@@ -62,6 +62,12 @@ class Group:
     @property
     def flops(self) -> float | None:
         return _mean_or_none([r.final_flops for r in self.runs])
+
+    @property
+    def budget(self) -> float | None:
+        """The train.max_flops all its runs were given (None if any ran without one)."""
+        budgets = [r.max_flops for r in self.runs]
+        return None if None in budgets else float(np.mean(budgets))
 
     def curves(self, metric: str) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         return [c for c in (r.curve(metric) for r in self.runs) if len(c[0])]
@@ -376,16 +382,18 @@ def _assign_baselines(groups: list[Group], wanted: str | None) -> tuple[dict, li
         return {}, ["no baseline: no group has schedule=none (from scratch); speedups need one "
                     "(--baseline LABEL picks another)"]
     # budget-matched baselines trained with train.max_flops; the rest ran their own budgets
-    budgeted = [g for g in scratch if all(r.max_flops for r in g.runs)]
+    budgeted = [g for g in scratch if g.budget]
     full = [g for g in scratch if g not in budgeted] or scratch
     largest = max(full, key=lambda g: g.flops or 0.0)
     assigned, notes, unmatched = {}, [], []
     for g in groups:
         if g is largest:
             continue
-        matched = [b for b in budgeted if b is not g and _same_budget(b, g)]
+        # matched on the declared budget: a run stops at the first step past it, so its own FLOPs
+        # overshoot by up to one step
+        matched = [b for b in budgeted if b is not g and g.flops and abs(b.budget / g.flops - 1) <= MATCH_TOLERANCE]
         if matched:
-            assigned[id(g)] = (min(matched, key=lambda b: abs(b.flops / g.flops - 1)), "matched")
+            assigned[id(g)] = (min(matched, key=lambda b: abs(b.budget / g.flops - 1)), "matched")
         elif _same_budget(largest, g):
             assigned[id(g)] = (largest, "same budget")  # both ran their own schedule to the same FLOPs
         else:

@@ -63,6 +63,8 @@ def plot(comp: Comparison, out_dir: Path) -> list[Path]:
         ax.set_ylabel(METRIC_NAMES[comp.metric])
         ax.grid(True, which="major", alpha=0.4)
         ax.grid(True, which="minor", alpha=0.12)
+        if any(len(g.runs) > 1 for g in comp.groups):
+            ax.plot([], [], color="0.5", linewidth=0.7, alpha=0.5, label="each run (thin); group mean (thick)")
         ax.plot([], [], linestyle="none", marker="^", markerfacecolor="white", markeredgecolor="black", label="growth event")
         if comp.metric == "val_loss":
             ax.plot([], [], color="0.5", alpha=0.3, linewidth=0.8, label="train loss (faint)")
