@@ -238,10 +238,10 @@ def test_matched_baselines_are_chosen_per_arm(tmp_path):
     comp = analyse(load_runs([tmp_path]))
     rows = by_label(comp.rows)
     arm, wide = rows["depth_first/msg"], rows["width_first/msg"]
-    assert (arm.baseline, arm.baseline_kind) == ("none/none train.max_flops=8e11", "matched")
+    assert (arm.baseline, arm.baseline_kind) == ("none/none train.max_flops=8e+11", "matched")
     assert [p.target for p in arm.pairs] == pytest.approx([1.85, 1.85])  # annealed end against annealed end
     assert (wide.baseline, wide.baseline_kind) == ("none/none", "largest budget")
-    assert rows["none/none"].is_baseline and rows["none/none train.max_flops=8e11"].is_baseline
+    assert rows["none/none"].is_baseline and rows["none/none train.max_flops=8e+11"].is_baseline
     hint = next(n for n in comp.notes if "sweep=matched_baselines" in n)
     assert "train.max_flops=9e+11" in hint and "train.seed=0,1" in hint and "width_first" in hint
 
@@ -258,11 +258,16 @@ def test_several_from_scratch_groups_never_drop_the_comparison(tmp_path):
 def test_labels_ignore_settings_of_an_unused_config_group(tmp_path):
     base_run(tmp_path / "b0", BASELINE, seed=0, overrides=["operator.ramp_steps=10", "schedule.stages.0.at_fraction=0.5"])
     base_run(tmp_path / "b1", BASELINE, seed=1)
+    # a from-scratch run with an operator chosen (a sweep's default): nothing grows, it is a baseline seed
+    write_run(tmp_path / "b2", BASELINE, seed=2, schedule="none", operator="msg", overrides=["operator.ramp_steps=10"])
     write_run(tmp_path / "a0", GROWN, seed=0, overrides=["operator.ramp_steps=10"])
     write_run(tmp_path / "a1", GROWN, seed=1, overrides=["operator.ramp_steps=20"])
-    labels = sorted(r.label for r in compare(load_runs([tmp_path])))
-    assert labels == ["depth_first/msg operator.ramp_steps=10", "depth_first/msg operator.ramp_steps=20",
-                      "none/none"]
+    write_run(tmp_path / "m0", BASELINE, seed=0, schedule="none", operator="none",
+              overrides=["train.max_flops=184700000000.0", "operator.ramp_steps=10"])
+    rows = by_label(compare(load_runs([tmp_path])))
+    assert sorted(rows) == ["depth_first/msg operator.ramp_steps=10", "depth_first/msg operator.ramp_steps=20",
+                            "none/none", "none/none train.max_flops=1.847e+11"]
+    assert rows["none/none"].n == 3
 
 
 def test_evaluation_settings_and_data_order_must_agree(tmp_path):

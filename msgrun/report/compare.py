@@ -77,40 +77,67 @@ def label_runs(runs: list[Run]) -> None:
     """Give each run a label naming what distinguishes it from the others, seeds excepted.
 
     Always the schedule and operator choices; the model choice and other config groups when
-    the runs differ in them; and every other override whose value differs between runs."""
+    the runs differ in them; and every other override whose value differs between the runs it
+    matters to. A setting of a config group a run does not use is incidental and never part of
+    its label: `operator.*` or `schedule.*` with schedule=none (nothing grows, so the operator
+    is shown as none too), `<group>.*` with `<group>=none`."""
     described = [r for r in runs if r.choices or r.overrides]
+    choices = {id(r): _used_choices(r) for r in described}
     overrides = {id(r): _parse_overrides(r) for r in described}
     group_keys = {k for r in described for k in r.choices}
 
     def differing(values_of) -> list[str]:
         keys = sorted({k for r in described for k in values_of(r)})
-        return [k for k in keys if len({values_of(r).get(k) for r in described}) > 1]
+        return [k for k in keys
+                if len({values_of(r).get(k) for r in described if not _incidental(r, k)}) > 1]
 
-    choice_keys = [k for k in differing(lambda r: r.choices) if k not in ("schedule", "operator")]
+    choice_keys = [k for k in differing(lambda r: choices[id(r)]) if k not in ("schedule", "operator")]
     override_keys = [k for k in differing(lambda r: overrides[id(r)]) if k not in group_keys]
     for run in runs:
         if run not in described:
             run.label = run.name  # nothing known about it: it stands alone
             continue
+        chosen, ov = choices[id(run)], overrides[id(run)]
         parts = []
-        if "model" in choice_keys and "model" in run.choices:
-            parts.append(run.choices["model"])
-        parts.append(f"{run.choices.get('schedule', '?')}/{run.choices.get('operator', '?')}")
-        parts += [f"{k}={run.choices[k]}" for k in choice_keys if k != "model" and k in run.choices]
-        ov = overrides[id(run)]
-        parts += [f"{k}={ov[k]}" for k in override_keys if k in ov]
+        if "model" in choice_keys and "model" in chosen:
+            parts.append(chosen["model"])
+        parts.append(f"{chosen.get('schedule', '?')}/{chosen.get('operator', '?')}")
+        parts += [f"{k}={chosen[k]}" for k in choice_keys if k != "model" and k in chosen]
+        parts += [f"{k}={_short(ov[k])}" for k in override_keys if k in ov and not _incidental(run, k)]
         run.label = " ".join(parts)
 
 
+def _incidental(run: Run, key: str) -> bool:
+    """Whether a setting cannot change what this run trains (see label_runs)."""
+    group = key.split(".")[0]
+    if group in ("schedule", "operator") and run.choices.get("schedule") == "none":
+        return True
+    return "." in key and run.choices.get(group) == "none"
+
+
+def _used_choices(run: Run) -> dict[str, str]:
+    chosen = dict(run.choices)
+    if chosen.get("schedule") == "none" and "operator" in chosen:
+        chosen["operator"] = "none"  # nothing grows: the operator never runs
+    return chosen
+
+
+def _short(value: str) -> str:
+    # budgets written by hand or by a sweep (1.847e+11, 184700000000.0) read the same way
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return f"{number:.4g}" if abs(number) >= 1e5 else value
+
+
 def _parse_overrides(run: Run) -> dict[str, str]:
-    """The run's overrides that make it a different arm: not its seed, and not a setting of a
-    config group it does not use (operator.ramp_steps on an operator=none run changes nothing)."""
+    """The run's overrides other than its seed."""
     parsed = {}
     for text in run.overrides:
         key, _, value = text.partition("=")
         key = key.lstrip("+~")  # Hydra's add (+, ++) and delete (~) prefixes
-        unused_group = run.choices.get(key.split(".")[0]) == "none" and "." in key
-        if key not in SEED_KEYS and not unused_group:
+        if key not in SEED_KEYS:
             parsed[key] = value
     return parsed
 
