@@ -11,9 +11,12 @@ Where things are:
 * runs.py          one run (`Run`) and reading it from a run directory;
 * wandb_folder.py  reading a wandb offline run folder instead;
 * discover.py      `load_runs(paths)`: finding runs under directories the user names;
-* compare.py       the comparison: labels, seed groups, baseline, target, FLOPs-to-target,
-                   loss gap at equal FLOPs, fingerprint checks (`analyse`, `compare`);
-* tables.py        the console table, table.csv, table.md and footnotes (`write_report`);
+* compare.py       the comparison: labels, seed groups, each group's baseline (matched or
+                   not), seed pairs, targets and the stays-below crossing, loss gap at equal
+                   FLOPs, checks of data, evaluation settings and data order (`analyse`);
+* stats.py         means over pairs with 95% Student-t intervals;
+* wallclock.py     when raw wall-clock can be compared, and a throughput-normalised estimate;
+* tables.py        the console table, table.csv, pairs.csv, table.md and footnotes (`write_report`);
 * figures.py       loss against FLOPs and against wall-clock;
 * cli.py           the `msgrun-report` command.
 

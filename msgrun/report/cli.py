@@ -25,21 +25,24 @@ def _default_out_dir(first: Path) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="msgrun-report",
-        description="Compare msgrun runs: loss-vs-FLOPs and loss-vs-wall-clock curves, FLOPs and "
-        "wall-clock to a target loss, speedups over the from-scratch baseline.",
+        description="Compare msgrun runs: loss-vs-FLOPs and loss-vs-wall-clock curves; per seed pair, "
+        "speedups to a target loss and loss gaps at equal FLOPs against each group's (matched) from-scratch "
+        "baseline, with 95%% confidence intervals. Definitions: the report's footnotes and docs/architecture.md.",
     )
     parser.add_argument("paths", nargs="+", metavar="PATH",
                         help="run directories, multirun directories (searched recursively) or wandb offline run folders")
     parser.add_argument("--target", type=float, default=None,
-                        help="target value of the metric (default: the baseline's final value; with several seeds "
-                        "the highest, so that every baseline seed reaches it)")
+                        help="one target value of the metric for every run (default: per seed pair, the worse of "
+                        "the two runs' final values)")
     parser.add_argument("--metric", choices=METRICS, default="val_loss", help="validation metric (default: val_loss)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output directory (default: report/ in the first PATH if it is a multirun directory, else ./report)")
     parser.add_argument("--baseline", default=None, metavar="LABEL",
-                        help="label (or unique part of one) of the baseline group (default: the schedule=none group)")
+                        help="label (or unique part of one) of the baseline group for every other group (default: "
+                        "per group, its matched schedule=none group, trained with train.max_flops at the group's "
+                        "FLOPs, else the schedule=none group with the largest budget)")
     parser.add_argument("--allow-mixed-data", action="store_true",
-                        help="compare runs even if their data or tokenizer fingerprints differ")
+                        help="compare runs even if their data, tokenizer, evaluation settings or data order differ")
     return parser
 
 
