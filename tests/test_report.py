@@ -355,7 +355,8 @@ def test_group_where_one_seed_misses_target_reports_k_of_n(tmp_path):
     write_run(tmp_path / "s2", NEVER, seed=2)
     grown = by_label(compare(load_runs([tmp_path]), target=2.0))["depth_first/msg"]
     assert grown.reached == 1 and grown.flops_to_target is None
-    assert grown.speedup_flops.n == 1  # only the pair that reached it
+    assert grown.speedup_flops is None  # not from the one pair that reached it: that would drop the other
+    assert grown.gap.n == 2  # the gap needs no target
     assert report.format_row(grown)["flops_to_target"] == "not reached (1/2)"
 
 

@@ -297,7 +297,10 @@ def _row(g: Group, base: Group | None, kind: str | None, metric: str, target: fl
             downstream.setdefault(key, []).append(value)
 
     def over_pairs(field: str, interval):
-        return interval([getattr(p, field) for p in pairs if getattr(p, field) is not None])
+        # every pair or none: averaging only the pairs that reached the target would drop exactly
+        # the seeds that speak against the group
+        values = [getattr(p, field) for p in pairs]
+        return None if None in values else interval(values)
 
     return Row(
         label=g.label,
