@@ -294,7 +294,7 @@ def test_raw_wall_clock_is_dropped_when_it_measures_the_machine(tmp_path):
     arm = by_label(comp.rows)["depth_first/msg"]
     assert arm.speedup_wall is None and "varies 5.00x" in arm.wall_problems[0]
     assert report.format_row(arm)["speedup_wall"] == "unreliable ³"
-    # the normalised estimate uses the arm's median throughput: the loaded seed does not count
+    # the normalised estimate uses the median throughput of arm and baseline: the loaded seed does not count
     assert arm.speedup_wall_normalised.estimate == pytest.approx(2.0)
     assert arm.speedup_flops.estimate == pytest.approx(2.0)
 
@@ -306,6 +306,16 @@ def test_raw_wall_clock_is_dropped_when_it_measures_the_machine(tmp_path):
     assert arm.speedup_wall is None and "device_name" in arm.wall_problems[0]
     assert any("several hosts" in n for n in comp.notes)
     assert any("busier" in n and "7.5 on 2 CPUs" in n for n in comp.notes)
+
+
+def test_normalised_wall_clock_prices_a_shape_the_same_for_arm_and_baseline(tmp_path):
+    # the arm's sweep ran while the machine was 3x busier: raw wall-clock turns its 2x into 0.67x
+    for seed in range(2):
+        base_run(tmp_path / f"b{seed}", BASELINE, seed=seed)
+        write_run(tmp_path / f"a{seed}", GROWN, seed=seed, wall_per_flop=3 * WALL_PER_FLOP)
+    arm = by_label(compare(load_runs([tmp_path])))["depth_first/msg"]
+    assert arm.speedup_wall.estimate == pytest.approx(2 / 3)
+    assert arm.speedup_wall_normalised.estimate == pytest.approx(2.0)
 
 
 def test_downstream_results_become_columns(tmp_path):

@@ -334,7 +334,9 @@ def _pairs(g: Group, base: Group, metric: str, target: float | None, notes: list
     """Per-seed comparisons of an arm with its baseline."""
     by_seed = _by_seed(base)
     pairs, unpaired = [], []
-    arm_rates, base_rates = wallclock.throughput(g.runs), wallclock.throughput(base.runs)
+    # one FLOP/s per shape for both sides: the shapes they share then cost the same, and the
+    # estimate does not carry which side ran while the machine was busier
+    rates = wallclock.throughput(g.runs + base.runs)
     for run in _by_seed(g).values():
         other = by_seed.get(run.seed)
         arm_curve, base_curve = run.curve(metric), other.curve(metric) if other else None
@@ -345,8 +347,8 @@ def _pairs(g: Group, base: Group, metric: str, target: float | None, notes: list
         mine, theirs = crossing(run, metric, pair_target), crossing(other, metric, pair_target)
         both = mine is not None and theirs is not None
         at = min(arm_curve[0][-1], base_curve[0][-1])
-        est_mine = both and wallclock.normalised_wall(run, arm_rates, mine.flops)
-        est_theirs = both and wallclock.normalised_wall(other, base_rates, theirs.flops)
+        est_mine = both and wallclock.normalised_wall(run, rates, mine.flops)
+        est_theirs = both and wallclock.normalised_wall(other, rates, theirs.flops)
         pairs.append(Pair(
             seed=run.seed, run=run.name, baseline_run=other.name, target=pair_target, arm=mine, base=theirs,
             speedup_flops=_ratio(theirs.flops, mine.flops) if both else None,

@@ -177,9 +177,9 @@ def footnotes(comp: Comparison) -> list[str]:
         "construction); where it ends worse, the baseline's FLOPs to the group's final loss.",
         "³ Raw wall-clock speedup is shown as 'unreliable' (and the reason listed below) when the runs ran on "
         f"different devices or world sizes, or a group's wall time per FLOP varies more than "
-        f"{WALL_SPREAD}× across seeds. Normalised: the FLOPs spent at each shape divided by the group's median "
-        "steady-state FLOP/s at that shape, plus growth events' seconds: a wall-clock estimate without the "
-        "machine's load.",
+        f"{WALL_SPREAD}× across seeds. Normalised: the FLOPs spent at each shape divided by the median "
+        "steady-state FLOP/s at that shape over the group's and its baseline's runs, plus growth events' seconds: "
+        "a wall-clock estimate without the machine's load.",
         f"⁴ Δ{m} at equal FLOPs: per pair the group's {m} minus the baseline's, both linearly interpolated at the "
         "smaller of the two runs' final evaluated FLOPs (mean after @); mean and 95% t interval; negative is "
         "better. It needs no target, so it stays meaningful where flat curves make FLOPs-to-target "

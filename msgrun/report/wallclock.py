@@ -5,9 +5,9 @@ identical FLOPs took 58, 185 and 346 s. So the report (a) drops the raw wall-clo
 an arm and its baseline ran on different devices or world sizes, or when the wall time per FLOP
 of one group's seeds spreads by more than WALL_SPREAD, and (b) gives beside it a
 *throughput-normalised* estimate: the FLOPs a run spent in each model shape divided by the
-group's steady-state FLOP/s at that shape (the median over all its seeds' logging intervals,
-the first interval of each shape left out as it holds compilation), plus the measured seconds
-of its growth events. The estimate keeps what growth changes (smaller shapes run at other
+steady-state FLOP/s at that shape (the median over the logging intervals of every run of the
+arm and its baseline that trained at that shape, the first interval of each shape left out as
+it holds compilation), plus the measured seconds of its growth events. The estimate keeps what growth changes (smaller shapes run at other
 FLOP/s, growth events cost time) and removes what the machine's load adds.
 """
 
