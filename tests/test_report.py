@@ -430,6 +430,13 @@ def test_labels_name_differing_overrides_but_not_seeds(tmp_path):
     ]
 
 
+def test_a_lone_from_scratch_group_is_the_baseline(tmp_path):
+    base_run(tmp_path / "b0", BASELINE, seed=0)
+    base_run(tmp_path / "b1", BASELINE, seed=1)
+    (row,) = compare(load_runs([tmp_path]))
+    assert row.is_baseline and row.baseline is None and report.format_row(row)["baseline"] == "(baseline)"
+
+
 def test_without_baseline_the_table_has_no_speedups_and_says_why(tmp_path):
     write_run(tmp_path / "a", GROWN)
     write_run(tmp_path / "b", NEVER, schedule="width_first")

@@ -257,9 +257,9 @@ def analyse(
     notes = [n for r in runs for n in r.notes]
     label_runs(runs)
     groups = group_runs(runs)
-    assigned, why = _assign_baselines(groups, baseline)
+    assigned, primary, why = _assign_baselines(groups, baseline)
     notes += why
-    baselines = [g for g in groups if any(b is g for b, _ in assigned.values())]
+    baselines = [g for g in groups if g is primary or any(b is g for b, _ in assigned.values())]
     notes += _check_fingerprints(runs, baselines[0] if baselines else None, allow_mixed_data)
     notes += _check_settings(runs, allow_mixed_data)
     notes += wallclock.placement_notes(runs)
@@ -400,7 +400,8 @@ def to_target(run: Run, metric: str, target: float) -> tuple[float, float] | Non
 
 
 def _assign_baselines(groups: list[Group], wanted: str | None) -> tuple[dict, list[str]]:
-    """{id(group): (baseline group, kind)} for every group that has a baseline, and notes."""
+    """{id(group): (baseline group, kind)} for every group that has a baseline; the main
+    baseline (--baseline, else the from-scratch group with the largest budget); notes."""
     if wanted:
         matches = [g for g in groups if g.label == wanted] or [g for g in groups if wanted in g.label]
         if len(matches) != 1:
@@ -408,11 +409,11 @@ def _assign_baselines(groups: list[Group], wanted: str | None) -> tuple[dict, li
                 f"--baseline {wanted!r} matches {len(matches)} groups; the labels are: "
                 + "; ".join(repr(g.label) for g in groups)
             )
-        return {id(g): (matches[0], "--baseline") for g in groups if g is not matches[0]}, []
+        return {id(g): (matches[0], "--baseline") for g in groups if g is not matches[0]}, matches[0], []
     scratch = [g for g in groups if g.from_scratch]
     if not scratch:
-        return {}, ["no baseline: no group has schedule=none (from scratch); speedups need one "
-                    "(--baseline LABEL picks another)"]
+        return {}, None, ["no baseline: no group has schedule=none (from scratch); speedups need one "
+                          "(--baseline LABEL picks another)"]
     # budget-matched baselines trained with train.max_flops; the rest ran their own budgets
     budgeted = [g for g in scratch if g.budget]
     full = [g for g in scratch if g not in budgeted] or scratch
@@ -443,7 +444,7 @@ def _assign_baselines(groups: list[Group], wanted: str | None) -> tuple[dict, li
             f"`msgrun -m sweep=matched_baselines train.max_flops={budgets}"
             + (f" train.seed={seeds}" if seeds else "") + " <the arms' shared overrides>` and report both sweeps "
             "together.")
-    return assigned, notes
+    return assigned, largest, notes
 
 
 def _same_budget(a: Group, b: Group) -> bool:
