@@ -197,6 +197,8 @@ def test_growth_through_the_training_loop(make_cfg, tmp_path):
     assert abs(e["probe_loss_before"] - e["probe_loss_after"]) <= 1e-5
     metrics = read_jsonl(tmp_path / "metrics.jsonl")
     alphas = [m.get("alpha") for m in metrics]
-    assert alphas[6:10] == [0.25, 0.5, 0.75, None]  # logged after steps 7..10; removed after reaching 1
+    # logged after steps 7..11: the event's step trains at alpha 0 (as the reference); the masks
+    # go after the step at alpha = 1
+    assert alphas[6:11] == [0.0, 0.25, 0.5, 0.75, None]
     assert masked_modules(trainer.model) == []
     assert [m["hidden"] for m in metrics][:7] == [64] * 6 + [96]
