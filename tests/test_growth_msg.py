@@ -336,3 +336,20 @@ def test_growth_through_the_training_loop(make_cfg, tmp_path):
     assert alphas[6:11] == [0.0, 0.25, 0.5, 0.75, None]
     assert masked_modules(trainer.model) == []
     assert [m["hidden"] for m in metrics][:7] == [64] * 6 + [96]
+
+
+def test_readme_card_command_runs_at_80_steps(make_cfg, tmp_path):
+    """`msgrun schedule=depth_first operator=msg train.max_steps=80`: the preset's ramp is a
+    fraction of the run (0.05: 4 steps here), so a short budget no longer lands a stage inside a
+    ramp; both events are exact."""
+    from msgrun.train import Trainer
+
+    cfg = make_cfg("schedule=depth_first", "operator=msg", "train.max_steps=80", "train.eval_every=80",
+                   "model.hidden=32", "model.heads=2", "model.head_dim=16", "model.ffn=64", "model.seq_len=32")
+    trainer = Trainer(cfg, tmp_path, {"schedule": "depth_first", "operator": "msg"})
+    assert trainer.engine.ramp_steps == 4 and trainer.engine.trigger_steps == [16, 32]
+    assert trainer.run()["status"] == "completed"
+    events = read_jsonl(tmp_path / "growth.jsonl")
+    assert [e["step"] for e in events] == [16, 32]
+    assert all(e["max_abs_logit_diff"] <= 1e-5 for e in events)
+    assert masked_modules(trainer.model) == []
