@@ -141,7 +141,8 @@ def test_gstack_with_a_non_integer_start_depth_exits_with_code_2(tmp_path, cache
 
 # ---------------------------------------------------------------------------- MSG's ramp length
 def test_ramp_steps_is_steps_or_a_fraction_of_the_run():
-    assert engine("operator=msg", "schedule=depth_first", "train.max_steps=200", "operator.ramp_steps=7").ramp_steps == 7
+    e = engine("operator=msg", "schedule=depth_first", "train.max_steps=200", "operator.ramp_steps=7")
+    assert e.ramp_steps == 7
     assert engine("operator=msg", "schedule=depth_first", "train.max_steps=200",
                   "operator.ramp_steps=0.05").ramp_steps == 10
     # a token budget that ends the run first: the fraction is of the steps actually trained

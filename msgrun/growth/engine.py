@@ -89,8 +89,8 @@ class GrowthEngine:
         self.trigger_steps = simulate_trigger_steps(start, stages, self.budget, self.flops_per_step)
         self.run_steps = run_steps(start, stages, self.trigger_steps, self.budget, self.flops_per_step)
         self.ramp_steps = resolve_ramp_steps(cfg.operator.ramp_steps, self.run_steps) if self.operator.uses_masks else 0
-        check_timing(stages, self.trigger_steps, masked_steps(self.ramp_steps, cfg.operator.ramp_start)
-                     if self.ramp_steps else 0, cfg.operator.ramp_steps)
+        masked = masked_steps(self.ramp_steps, cfg.operator.ramp_start) if self.ramp_steps else 0
+        check_timing(stages, self.trigger_steps, masked, cfg.operator.ramp_steps)
         self.start, self.stages, self.shape = start, stages, start
         self.next_stage = 0
         self.ramp: Ramp | None = None
@@ -176,7 +176,9 @@ class GrowthEngine:
             return model, optimizer, None, (0.0, 0.0)  # RaPTr: same model, longer paths
         grown = self.operator.grow(model, stage.target, self.final_args, gen)
         t1 = time.perf_counter()
-        fresh = {i for i, c in enumerate(grown.copied_layers) if c} if self.operator.cfg.new_layer_state == "fresh" else set()
+        fresh = set()
+        if self.operator.cfg.new_layer_state == "fresh":  # new layers start with no AdamW state
+            fresh = {i for i, copied in enumerate(grown.copied_layers) if copied}
         new_opt = transfer_adamw(optimizer, model, grown.model, grown.origins, self.operator.cfg, self.cfg.optim,
                                  model_device(model).type, fresh_layers=fresh)
         return grown.model, new_opt, grown, (t1 - t0, time.perf_counter() - t1)
@@ -187,7 +189,8 @@ class GrowthEngine:
     def install_ramp(self, model, new_units, new_layers, stage_index: int, step: int) -> None:
         alpha = torch.zeros((), device=model_device(model))
         install_masks(model, alpha, new_units, new_layers, self.operator.cfg.mask_placement)
-        self.ramp = Ramp(stage_index, step, self.ramp_steps, alpha, model, int(self.operator.cfg.ramp_start == "increment"))
+        first = int(self.operator.cfg.ramp_start == "increment")
+        self.ramp = Ramp(stage_index, step, self.ramp_steps, alpha, model, first)
 
     def before_step(self, step: int) -> None:
         if self.ramp is not None:
