@@ -124,23 +124,31 @@ class ScheduleConfig:
     stages: List[StageConfig] = field(default_factory=list)
     # G_stack growth-timing guideline (schedule=gstack_guideline); see growth/schedule.py
     guideline: Optional[str] = None  # null | gstack
-    guideline_factor: int = 4  # growth factor g of the stacked depth
+    # G_stack's growth factor g: start at model.layers / g layers (refused unless a whole number);
+    # null: schedule.start.layers sets the start depth
+    depth_factor: Optional[int] = None
 
 
 @dataclass
 class OperatorConfig:
+    """The named presets (conf/operator/*.yaml) set every choice their paper's reference code makes;
+    docs/fidelity.md lists each choice beside the paper and the reference code."""
+
     name: str = "none"
     # per-dimension method; null means the operator cannot grow that dimension
     layers: Optional[str] = None
     hidden: Optional[str] = None
     heads: Optional[str] = None
     ffn: Optional[str] = None
-    seq_len: Optional[str] = None
+    seq_len: Optional[str] = None  # warmup | pool | auto (pool for bert, warmup for gpt)
     # MSG
-    ramp_steps: int = 100  # steps for the mask strength alpha to go 0 -> 1
+    ramp_steps: Any = 0.05  # increments of the mask strength alpha 0 -> 1: int steps, or float fraction of the run
+    ramp_start: str = "zero"  # zero (the event's step trains at alpha 0: reference) | increment (at 1/R)
+    mask_placement: str = "reference"  # reference (q,k,v; FFN pre-activation; norms only) | ours
     # depth: where new layers come from
     depth_init: str = "copy"  # copy | random
     depth_order: str = "stack"  # stack (0..L-1,0..L-1) | interleave (0,0,1,1,...)
+    depth_remainder: str = "top"  # non-multiple growth copies the top layers (MSG) | bottom (CompoundGrowth) | refuse
     # width by copying (bert2bert, hyperclone)
     mapping: str = "random"  # random | left  (which source unit each new unit copies)
     variant: str = "fpi"  # fpi | aki
@@ -149,7 +157,8 @@ class OperatorConfig:
     rescale: str = "none"  # none | inverse_keep_prob
     # optimizer and LR across a growth event
     optimizer_state: str = "carry"  # carry (by provenance) | reset (fresh optimizer)
-    new_moments: str = "mean"  # zero (MSG reference) | mean (second moment from the source's mean)
+    new_layer_state: str = "fresh"  # fresh (new layers start with no AdamW state: MSG reference) | carry (source's)
+    new_moments: str = "zero"  # zero (MSG reference) | mean (second moment from the source's mean)
     lr_policy: str = "continue"  # continue | rewind (MSG reference) | restart (fresh warmup)
 
 

@@ -100,8 +100,8 @@ class Attention(nn.Module):
             q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         else:
             # the q rows on the queries, the k and v rows on the context: no wasted projections.
-            # Slicing the weight is safe under MSG, which never masks qkv (its inputs are masked
-            # upstream, by the norms).
+            # Slicing the weight bypasses any mask on qkv's output: MSG's reference placement
+            # masks new heads there, so growth/operator.py refuses it with length pooling.
             W, bias = self.heads * self.head_dim, self.qkv.bias
             q = F.linear(x, self.qkv.weight[:W], None if bias is None else bias[:W])
             q = q.view(B, T, self.heads, self.head_dim).transpose(1, 2)

@@ -34,6 +34,9 @@ GROWTHS = {
 BASE = dict(layers=5, hidden=160, heads=5, ffn=520, seq_len=24)
 
 
+PLACEMENTS = ("reference", "ours")
+
+
 def msg_operator(family, **kw):
     cfg = OperatorConfig(name="msg", layers="msg", hidden="msg", heads="msg", ffn="msg", **kw)
     return GrowthOperator(cfg, family)
@@ -63,30 +66,131 @@ def logits(model, idx, positions=None):
         return model(idx, None, positions).float()
 
 
-def grow_msg(model, target, **op_kw):
-    op = msg_operator(model.args.family, **op_kw)
+def grow_msg(model, target, placement="reference", **op_kw):
+    op = msg_operator(model.args.family, mask_placement=placement, **op_kw)
     fa = final_args(model, target)
     shape = Shape(fa.layers, fa.hidden, fa.heads, fa.ffn, 24)
     grown = op.grow(model, shape, fa, torch.Generator().manual_seed(7))
     alpha = torch.zeros(())
-    install_masks(grown.model, alpha, grown.new_units, grown.new_layers)
+    install_masks(grown.model, alpha, grown.new_units, grown.new_layers, placement)
     return grown, alpha
 
 
+@pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("arch", FAMILIES.values(), ids=FAMILIES.keys())
 @pytest.mark.parametrize("growth", GROWTHS.values(), ids=GROWTHS.keys())
-def test_msg_is_function_preserving(arch, growth):
+def test_msg_is_function_preserving(arch, growth, placement):
     start, target = growth
     model = small_model(arch, start)
     idx = torch.randint(3, 101, (3, 24), generator=torch.Generator().manual_seed(1))
     positions = torch.tensor([[0, 5, 23]] * 3) if arch["family"] == "bert" else None
     before = logits(model, idx, positions)
-    grown, alpha = grow_msg(model, target)
+    grown, alpha = grow_msg(model, target, placement)
     after = logits(grown.model, idx, positions)
     assert (before - after).abs().max().item() <= 1e-5
     # and the growth is real: at alpha = 1 the new units change the function
     alpha.fill_(1.0)
-    assert (before - logits(grown.model, idx, positions)).abs().max().item() > 1e-3
+    with_masks = logits(grown.model, idx, positions)
+    assert (before - with_masks).abs().max().item() > 1e-3
+    # alpha = 1 is the plain grown model under either placement
+    remove_masks(grown.model)
+    assert (with_masks - logits(grown.model, idx, positions)).abs().max().item() <= 1e-5
+
+
+def masked_names(model):
+    return {n.split(".", 2)[-1] if n.startswith("blocks.") else n for n in masked_modules(model)}
+
+
+@pytest.mark.parametrize("dim,reference,ours", [
+    ("heads", {"attn.qkv"}, {"attn.proj"}),
+    ("ffn", {"mlp.fc"}, {"mlp.proj"}),
+    ("hidden", {"attn_norm", "mlp_norm", "emb_norm", "mlm_head.norm"},
+     {"attn_norm", "mlp_norm", "emb_norm", "mlm_head.norm", "tok_emb", "pos_emb", "attn.proj", "mlp.proj"}),
+])
+def test_mask_placement_puts_masks_where_the_reference_does(dim, reference, ours):
+    """reference (cofe-ai/MSG bert_ex_v2.py): new heads' q, k, v; the FFN before its activation;
+    for hidden only the norms (BERT's raw embeddings enter the embedding norm unmasked)."""
+    model = small_model(FAMILIES["bert"], GROWTHS[dim][0])
+    for placement, expected in (("reference", reference), ("ours", ours)):
+        grown, _ = grow_msg(model, GROWTHS[dim][1], placement)
+        assert masked_names(grown.model) == expected, placement
+
+
+def scaled_rows(model, name, rows, factor, columns=False):
+    """A plain copy of `model` whose linear layer `name` has its weight's `rows` (and their bias
+    entries) multiplied by `factor`; columns=True: the weight's columns `rows` instead."""
+    import copy
+
+    out = copy.deepcopy(model)
+    remove_masks(out)
+    params = dict(out.named_parameters())
+    with torch.no_grad():
+        if columns:
+            params[f"{name}.weight"][:, rows] *= factor
+        else:
+            params[f"{name}.weight"][rows] *= factor
+            if f"{name}.bias" in params:
+                params[f"{name}.bias"][rows] *= factor
+    return out
+
+
+@pytest.mark.parametrize("arch", FAMILIES.values(), ids=FAMILIES.keys())
+def test_mid_ramp_reference_heads_scale_scores_by_alpha_squared(arch):
+    """Reference placement at alpha: new heads' q, k and v are scaled by alpha, so their scores
+    scale by alpha^2. That is exactly msgrun's placement (new heads' outputs x alpha) applied to
+    a model whose new q and k rows are multiplied by alpha; and the two placements differ."""
+    a, heads, d = 0.4, 3, 16
+    model = small_model(arch, {"heads": heads})
+    idx = torch.randint(3, 101, (2, 24), generator=torch.Generator().manual_seed(1))
+    ref, alpha = grow_msg(model, {"heads": 5}, "reference")
+    ours, alpha_ours = grow_msg(model, {"heads": 5}, "ours")
+    alpha.fill_(a)
+    alpha_ours.fill_(a)
+    W = 5 * d
+    new_qk = torch.cat([torch.arange(heads * d, W), W + torch.arange(heads * d, W)])
+    twin = ours.model
+    for i in range(len(twin.blocks)):
+        twin = scaled_rows(twin, f"blocks.{i}.attn.qkv", new_qk, a)
+    install_masks(twin, alpha_ours, ours.new_units, ours.new_layers, "ours")
+    assert (logits(ref.model, idx) - logits(twin, idx)).abs().max().item() <= 1e-5
+    assert (logits(ref.model, idx) - logits(ours.model, idx)).abs().max().item() > 1e-4
+
+
+@pytest.mark.parametrize("arch", FAMILIES.values(), ids=FAMILIES.keys())
+def test_mid_ramp_ffn_mask_before_or_after_the_activation(arch):
+    """Reference: act(alpha * fc(x)) for new units = the plain model with the new fc rows x alpha.
+    Ours: alpha * act(fc(x)) = the plain model with the new proj columns x alpha."""
+    a, old, new = 0.3, 200, 520
+    model = small_model(arch, {"ffn": old})
+    idx = torch.randint(3, 101, (2, 24), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for placement in PLACEMENTS:
+        grown, alpha = grow_msg(model, {"ffn": new}, placement)
+        alpha.fill_(a)
+        twin = grown.model
+        for i in range(len(twin.blocks)):
+            if placement == "reference":
+                chunks = 2 if arch.get("mlp") == "swiglu" else 1
+                rows = torch.cat([c * new + torch.arange(old, new) for c in range(chunks)])
+                twin = scaled_rows(twin, f"blocks.{i}.mlp.fc", rows, a)
+            else:
+                twin = scaled_rows(twin, f"blocks.{i}.mlp.proj", torch.arange(old, new), a, columns=True)
+        out[placement] = logits(grown.model, idx)
+        assert (out[placement] - logits(twin, idx)).abs().max().item() <= 1e-5, placement
+    assert (out["reference"] - out["ours"]).abs().max().item() > 1e-4
+
+
+@pytest.mark.parametrize("arch", FAMILIES.values(), ids=FAMILIES.keys())
+def test_mid_ramp_hidden_placements_differ(arch):
+    model = small_model(arch, {"hidden": 96})
+    idx = torch.randint(3, 101, (2, 24), generator=torch.Generator().manual_seed(1))
+    positions = torch.tensor([[0, 5, 23]] * 2) if arch["family"] == "bert" else None
+    out = {}
+    for placement in PLACEMENTS:
+        grown, alpha = grow_msg(model, {"hidden": 160}, placement)
+        alpha.fill_(0.5)
+        out[placement] = logits(grown.model, idx, positions)
+    assert (out["reference"] - out["ours"]).abs().max().item() > 1e-4
 
 
 @pytest.mark.parametrize("depth_init,order", [("random", "stack"), ("copy", "interleave")])
@@ -96,6 +200,36 @@ def test_msg_depth_variants_are_function_preserving(depth_init, order):
     before = logits(model, idx)
     grown, _ = grow_msg(model, {"layers": 5}, depth_init=depth_init, depth_order=order)
     assert (before - logits(grown.model, idx)).abs().max().item() <= 1e-5
+
+
+def test_depth_growth_copies_the_top_layers_with_fresh_optimizer_state():
+    """MSG reference (grow_ops_v2.py): 4 -> 6 appends copies of layers 2 and 3, and the new blocks
+    join the optimizer with no state; old layers keep theirs exactly."""
+    from msgrun.growth.engine import GrowthEngine
+    from msgrun.growth.schedule import Stage
+    from msgrun.train import final_model_args
+
+    from conftest import compose_cfg
+
+    for state in ("fresh", "carry"):
+        cfg = compose_cfg(["operator=msg", "schedule=layers_only", "model.layers=6", "schedule.start.layers=4",
+                           "train.max_steps=100", f"operator.new_layer_state={state}"])
+        engine = GrowthEngine(cfg, final_model_args(cfg.model, 101))
+        model = Transformer(engine.initial_args(), generator=torch.Generator().manual_seed(0))
+        opt = trained_optimizer(model, steps=2)
+        grown_model, new_opt, grown, _ = engine.build_grown(model, opt, engine.stages[0], torch.Generator())
+        assert grown.copied_layers == [False] * 4 + [True] * 2 and grown.new_layers == [False] * 4 + [True] * 2
+        old = dict(model.named_parameters())
+        for name, p in grown_model.named_parameters():
+            if not name.startswith("blocks."):
+                continue
+            i, leaf = int(name.split(".")[1]), name.split(".", 2)[2]
+            source = old[f"blocks.{[0, 1, 2, 3, 2, 3][i]}.{leaf}"]
+            assert torch.equal(p, source), name
+            if i >= 4 and state == "fresh":
+                assert p not in new_opt.state, name  # AdamW starts it at step 0
+            else:
+                assert torch.equal(new_opt.state[p]["exp_avg"], opt.state[source]["exp_avg"]), name
 
 
 def test_masks_are_removed_without_a_trace():
@@ -197,6 +331,25 @@ def test_growth_through_the_training_loop(make_cfg, tmp_path):
     assert abs(e["probe_loss_before"] - e["probe_loss_after"]) <= 1e-5
     metrics = read_jsonl(tmp_path / "metrics.jsonl")
     alphas = [m.get("alpha") for m in metrics]
-    assert alphas[6:10] == [0.25, 0.5, 0.75, None]  # logged after steps 7..10; removed after reaching 1
+    # logged after steps 7..11: the event's step trains at alpha 0 (as the reference); the masks
+    # go after the step at alpha = 1
+    assert alphas[6:11] == [0.0, 0.25, 0.5, 0.75, None]
     assert masked_modules(trainer.model) == []
     assert [m["hidden"] for m in metrics][:7] == [64] * 6 + [96]
+
+
+def test_readme_card_command_runs_at_80_steps(make_cfg, tmp_path):
+    """`msgrun schedule=depth_first operator=msg train.max_steps=80`: the preset's ramp is a
+    fraction of the run (0.05: 4 steps here), so a short budget no longer lands a stage inside a
+    ramp; both events are exact."""
+    from msgrun.train import Trainer
+
+    cfg = make_cfg("schedule=depth_first", "operator=msg", "train.max_steps=80", "train.eval_every=80",
+                   "model.hidden=32", "model.heads=2", "model.head_dim=16", "model.ffn=64", "model.seq_len=32")
+    trainer = Trainer(cfg, tmp_path, {"schedule": "depth_first", "operator": "msg"})
+    assert trainer.engine.ramp_steps == 4 and trainer.engine.trigger_steps == [16, 32]
+    assert trainer.run()["status"] == "completed"
+    events = read_jsonl(tmp_path / "growth.jsonl")
+    assert [e["step"] for e in events] == [16, 32]
+    assert all(e["max_abs_logit_diff"] <= 1e-5 for e in events)
+    assert masked_modules(trainer.model) == []

@@ -532,3 +532,48 @@ def test_each_named_operator_trains_through_a_schedule(make_cfg, tmp_path, op):
     assert all(math.isfinite(m["loss"]) for m in metrics)
     if exact:
         assert all(e["max_abs_logit_diff"] <= EXACT for e in events)
+
+
+# ---------------------------------------------------------------------------- presets against their reference code
+def test_compound_restarts_the_lr_warmup_at_every_stage(make_cfg, tmp_path):
+    """The CompoundGrowth code builds a new optimizer and a new warmup-then-decay schedule for every
+    stage (TF-models progressive policies.update_pt_stage, grow_bert get_optimizer)."""
+    trainer, metrics, events = run(make_cfg, tmp_path, "experiment=compound", *SMALL, "train.max_steps=20",
+                                   "train.log_every=1", "train.eval_every=20", "optim.warmup_steps=5")
+    peak = trainer.cfg.train.lr
+    lr = {m["step"] - 1: m["lr"] for m in metrics}  # the LR each step trained with
+    assert [e["step"] for e in events] == [4, 10]
+    for e in events:
+        assert [lr[e["step"] + k] / peak for k in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert lr[3] / peak > 0.5  # before the first event the first warmup had finished
+
+
+@pytest.mark.parametrize("family,method", [("bert", "pool"), ("gpt", "warmup")])
+def test_compound_length_operator_is_pooling_for_bert(family, method):
+    op = GrowthOperator(OperatorConfig(name="compound", seq_len="auto"), family)
+    assert op.methods["seq_len"] == method
+
+
+@pytest.mark.parametrize("remainder,sources", [("top", [0, 1, 2, 3, 2, 3]), ("bottom", [0, 1, 2, 3, 0, 1])])
+def test_non_multiple_depth_growth_copies_top_or_bottom_layers(remainder, sources):
+    """MSG's reference copies the top layers (grow_ops_v2.py), CompoundGrowth's layer i mod L."""
+    model = make_model(FAMILIES["gpt_layernorm"], layers=4)
+    grown = grow(model, operator("gpt", layers="stack", depth_remainder=remainder), layers=6)
+    old = dict(model.named_parameters())
+    for name, p in grown.model.named_parameters():
+        m = re.match(r"^blocks\.(\d+)\.(.*)$", name)
+        if m:
+            assert torch.equal(p, old[f"blocks.{sources[int(m.group(1))]}.{m.group(2)}"]), name
+    assert grown.copied_layers == [False] * 4 + [True] * 2
+
+
+def test_presets_set_the_reference_choices(make_cfg):
+    msg = make_cfg("operator=msg").operator
+    assert (msg.ramp_start, msg.mask_placement, msg.new_layer_state, msg.new_moments, msg.lr_policy,
+            msg.depth_remainder) == ("zero", "reference", "fresh", "zero", "rewind", "top")
+    gstack = make_cfg("operator=gstack").operator
+    assert (gstack.optimizer_state, gstack.lr_policy, gstack.depth_remainder) == ("reset", "restart", "refuse")
+    compound = make_cfg("operator=compound").operator
+    assert (compound.optimizer_state, compound.lr_policy, compound.depth_remainder, compound.seq_len,
+            compound.symmetry_noise) == ("reset", "restart", "bottom", "auto", 0.0)
+    assert make_cfg("operator=hyperclone").operator.symmetry_noise == 0.0

@@ -14,7 +14,7 @@ from msgrun.train import Trainer
 
 from conftest import read_jsonl
 
-GROWING = ["schedule=depth_first", "operator=msg", "operator.ramp_steps=2", "train.max_steps=12",
+GROWING = ["schedule=depth_first", "operator=msg", "operator.ramp_steps=1", "train.max_steps=12",
            "train.log_every=2", "model.dropout=0.1"]  # dropout: the pre-flight's RNG draws must not leak
 
 

@@ -1,6 +1,7 @@
 """Schedules: sizes and fractions, trigger timing, and every validation rule's message."""
 
 import pytest
+import torch
 
 from msgrun.errors import ConfigError
 from msgrun.growth.engine import GrowthEngine
@@ -97,3 +98,92 @@ def test_restart_warms_up_again_and_decays_over_the_rest():
     assert s(50, 0.5) == pytest.approx(0.1)
     assert s(59, 0.59) == pytest.approx(1.0)
     assert s(100, 1.0) == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------------------- G_stack's growth factor
+def test_depth_factor_starts_at_a_whole_fraction_of_the_depth():
+    e = engine("operator=gstack", "schedule=gstack_g4", "model.layers=8")
+    assert e.start.layers == 2 and e.stages[0].target.layers == 8
+
+
+@pytest.mark.parametrize("layers", [6, 10, 14, 18])
+def test_depth_factor_refuses_a_partial_stack(layers):
+    """Rounding model.layers / 4 would give g = 3, 5, 3.5, 4.5: refused, naming the key."""
+    with pytest.raises(ConfigError, match=r"schedule.depth_factor = 4 needs model.layers divisible by 4"):
+        engine("operator=gstack", "schedule=gstack_g4", f"model.layers={layers}")
+
+
+def test_depth_factor_and_start_layers_are_exclusive():
+    with pytest.raises(ConfigError, match="schedule.start.layers"):
+        engine("operator=gstack", "schedule=gstack_g4", "model.layers=8", "schedule.start.layers=2")
+
+
+def test_gstack_refuses_a_non_multiple_depth_growth_from_any_schedule():
+    with pytest.raises(ConfigError, match="operator.depth_remainder=refuse"):
+        engine("operator=gstack", "schedule=layers_only", "model.layers=6", "schedule.start.layers=4")
+    assert engine("operator=gstack", "schedule=layers_only", "model.layers=6", "schedule.start.layers=3").stages
+
+
+def test_gstack_with_a_non_integer_start_depth_exits_with_code_2(tmp_path, cache_dir):
+    import subprocess
+    import sys
+
+    from conftest import FAST
+
+    r = subprocess.run([sys.executable, "-m", "msgrun", *FAST, "model.layers=6", "operator=gstack",
+                        "schedule=gstack_g4", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path,
+                       env={**__import__("os").environ, "MSGRUN_CACHE": cache_dir}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "schedule.depth_factor" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------- MSG's ramp length
+def test_ramp_steps_is_steps_or_a_fraction_of_the_run():
+    e = engine("operator=msg", "schedule=depth_first", "train.max_steps=200", "operator.ramp_steps=7")
+    assert e.ramp_steps == 7
+    assert engine("operator=msg", "schedule=depth_first", "train.max_steps=200",
+                  "operator.ramp_steps=0.05").ramp_steps == 10
+    # a token budget that ends the run first: the fraction is of the steps actually trained
+    e = engine("operator=msg", "schedule=depth_first", "train.max_steps=1000", "train.batch_size=8",
+               "model.seq_len=128", f"train.max_tokens={200 * 8 * 128}", "operator.ramp_steps=0.05")
+    assert e.run_steps == 200 and e.ramp_steps == 10
+    for bad in ("0", "1.5", "0.0", "true"):
+        with pytest.raises(ConfigError, match="operator.ramp_steps"):
+            engine("operator=msg", "schedule=depth_first", f"operator.ramp_steps={bad}")
+
+
+def test_run_steps_under_a_flops_budget_follows_each_stage_cost():
+    from msgrun.growth.schedule import run_steps
+
+    start, target = Shape(2, 64, 2, 256, 128), Shape(4, 64, 2, 256, 128)
+    stage = Stage(0, "at_step", 10, target, ("layers",))
+    cost = lambda shape: 1.0 if shape == start else 2.0  # noqa: E731
+    # 10 steps at 1, then 2 per step: 30 FLOPs are spent after step 20
+    assert run_steps(start, [stage], [10], Budget(100, 1000, max_flops=30.0), cost) == 20
+    assert run_steps(start, [stage], [10], Budget(15, 1000, max_flops=30.0), cost) == 15
+
+
+SHIPPED = ["depth_first", "width_first", "layers_only", "hidden_only", "heads_only", "ffn_only", "width_only",
+           "all_at_once", "msg_bert_base", "compound"]
+
+
+@pytest.mark.parametrize("schedule", SHIPPED)
+@pytest.mark.parametrize("steps", [50, 80, 1000])
+def test_msg_preset_ramp_fits_every_shipped_schedule_at_any_budget(schedule, steps):
+    """The default ramp (a fraction of the run) never overlaps the next stage, from 50 steps up."""
+    model = ["model=bert_base"] if schedule == "msg_bert_base" else []
+    grow_len = ["operator.seq_len=warmup"] if schedule == "compound" else []
+    e = engine(*model, f"schedule={schedule}", "operator=msg", *grow_len, f"train.max_steps={steps}")
+    assert e.ramp_steps >= 1
+
+
+def test_ramp_starts_at_zero_or_one_increment():
+    """zero (the reference): alpha = 0 at the event's step, k/R k steps later, masks gone after
+    the step at alpha = 1; increment: 1/R at the event's step."""
+    from msgrun.growth.engine import Ramp
+
+    for first, expected in ((0, [0.0, 0.25, 0.5, 0.75, 1.0]), (1, [0.25, 0.5, 0.75, 1.0, 1.0])):
+        ramp = Ramp(0, 10, 4, torch.zeros(()), None, first)
+        assert [ramp.value(s) for s in range(10, 15)] == expected

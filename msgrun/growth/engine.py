@@ -3,8 +3,10 @@
 A growth event: the operator builds the larger model from the smaller one (growth/operator.py),
 the optimizer state moves by provenance (growth/optim_transfer.py), MSG's masks go in with
 alpha = 0, and the trainer re-wraps (compiles) the new model and logs the event with a probe.
-Per step: MSG's alpha ramps 1/R, 2/R, ..., exactly 1 at the R-th step after the event, after
-which the masks are removed (the next step runs the plain model); RaPTr samples a path.
+Per step: MSG's alpha ramps in R = operator.ramp_steps increments. operator.ramp_start=zero (the
+MSG reference, run_grow_bert.py): the step of the event trains at alpha = 0, the k-th step after
+it at k/R, and the masks are removed after the step at alpha = 1 (R + 1 masked steps);
+increment: 1/R at the event's step, 1 at the R-th (R masked steps). RaPTr samples a path.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from msgrun.growth.operator import GrowthOperator
 from msgrun.growth.optim_transfer import transfer_adamw
 from msgrun.growth.raptr import RandomPaths
 from msgrun.growth.schedule import (Budget, Shape, Stage, check_timing, final_shape, gstack_growth_tokens,
-                                    resolve_schedule, simulate_trigger_steps, stage_due)
+                                    resolve_ramp_steps, resolve_schedule, run_steps, simulate_trigger_steps,
+                                    stage_due)
 from msgrun.model import ModelArgs, Transformer, count_params
 
 
@@ -55,12 +58,18 @@ class GrowthResult:
 class Ramp:
     stage: int  # index of the event that installed the masks
     start_step: int
-    steps: int
+    steps: int  # R: increments from 0 to 1
     alpha: torch.Tensor  # shared by every mask of the event
     model: Transformer
+    first: int = 0  # increments already made at the event's step: 0 (ramp_start=zero) or 1 (increment)
 
     def value(self, step: int) -> float:
-        return min(1.0, (step - self.start_step + 1) / self.steps)
+        return min(1.0, (step - self.start_step + self.first) / self.steps)
+
+
+def masked_steps(ramp_steps: int, ramp_start: str) -> int:
+    """Training steps an event's masks stay installed: through the step at alpha = 1 included."""
+    return ramp_steps + (ramp_start == "zero")
 
 
 class GrowthEngine:
@@ -78,7 +87,10 @@ class GrowthEngine:
         for shape in [start] + [stage.target for stage in stages]:
             check_rows(tc, self.layout(shape), world_size)
         self.trigger_steps = simulate_trigger_steps(start, stages, self.budget, self.flops_per_step)
-        check_timing(stages, self.trigger_steps, cfg.operator.ramp_steps if self.operator.uses_masks else 0)
+        self.run_steps = run_steps(start, stages, self.trigger_steps, self.budget, self.flops_per_step)
+        self.ramp_steps = resolve_ramp_steps(cfg.operator.ramp_steps, self.run_steps) if self.operator.uses_masks else 0
+        masked = masked_steps(self.ramp_steps, cfg.operator.ramp_start) if self.ramp_steps else 0
+        check_timing(stages, self.trigger_steps, masked, cfg.operator.ramp_steps)
         self.start, self.stages, self.shape = start, stages, start
         self.next_stage = 0
         self.ramp: Ramp | None = None
@@ -164,8 +176,11 @@ class GrowthEngine:
             return model, optimizer, None, (0.0, 0.0)  # RaPTr: same model, longer paths
         grown = self.operator.grow(model, stage.target, self.final_args, gen)
         t1 = time.perf_counter()
+        fresh = set()
+        if self.operator.cfg.new_layer_state == "fresh":  # new layers start with no AdamW state
+            fresh = {i for i, copied in enumerate(grown.copied_layers) if copied}
         new_opt = transfer_adamw(optimizer, model, grown.model, grown.origins, self.operator.cfg, self.cfg.optim,
-                                 model_device(model).type)
+                                 model_device(model).type, fresh_layers=fresh)
         return grown.model, new_opt, grown, (t1 - t0, time.perf_counter() - t1)
 
     def shape_before(self, stage: Stage) -> Shape:
@@ -173,8 +188,9 @@ class GrowthEngine:
 
     def install_ramp(self, model, new_units, new_layers, stage_index: int, step: int) -> None:
         alpha = torch.zeros((), device=model_device(model))
-        install_masks(model, alpha, new_units, new_layers)
-        self.ramp = Ramp(stage_index, step, self.operator.cfg.ramp_steps, alpha, model)
+        install_masks(model, alpha, new_units, new_layers, self.operator.cfg.mask_placement)
+        first = int(self.operator.cfg.ramp_start == "increment")
+        self.ramp = Ramp(stage_index, step, self.ramp_steps, alpha, model, first)
 
     def before_step(self, step: int) -> None:
         if self.ramp is not None:
@@ -182,7 +198,7 @@ class GrowthEngine:
 
     def after_step(self, step: int) -> None:
         if self.ramp is not None and self.ramp.value(step) >= 1.0:
-            remove_masks(self.ramp.model)  # alpha = 1 is the plain model: drop the mask code path
+            remove_masks(self.ramp.model)  # alpha = 1 was the plain model: drop the mask code path
             self.ramp = None
 
     def path_for_step(self, step: int) -> tuple[list[int] | None, dict[int, float] | None]:

@@ -2,18 +2,27 @@
 
 A mask over a grown dimension is c = 1 on old units and alpha on new ones; alpha ramps 0 -> 1
 over `operator.ramp_steps` optimizer steps. At alpha = 0 the grown model computes exactly the
-small model's function, whatever the new weights hold:
+small model's function, whatever the new weights hold, and at alpha = 1 the masks are the plain
+model, under either placement (`operator.mask_placement`); the placements differ mid-ramp.
 
+reference (the MSG reference, cofe-ai/MSG model_ex/bert_ex_v2.py):
 * hidden: every norm takes masked statistics over the active units and multiplies its output
-  by c (else a new unit's -mu/sigma * gamma + beta leaks into the next matmul's new columns);
-  the embedding output and every branch output (attn.proj, mlp.proj) are multiplied by c, so
-  new residual units stay 0; the final norm's masked output is what a tied LM head reads.
-* ffn: the FFN's inner activations are multiplied by c before mlp.proj (after the nonlinearity,
-  so GELU/SwiGLU of new units is irrelevant at alpha = 0).
-* heads: new heads' channels are multiplied by c before attn.proj (head size is fixed, so the
-  1/sqrt(d_h) scale of the old heads is unchanged).
-* layers: a new pre-norm block enters as x + alpha * branch(x) (both branch outputs scaled); a
-  new post-norm (BERT) block as alpha * block(x) + (1 - alpha) * x.
+  by c; nothing else is masked. In post-norm BERT every residual value is such a norm output
+  (the embedding norm's included: the raw embeddings go into it unmasked). In pre-norm GPT the
+  residual stream's new units are not masked, but every reader of the stream is a masked norm
+  (block norms, final norm), so alpha = 0 is still exact.
+* ffn: the FFN's new pre-activations are multiplied by c (act(c * fc(x)); SwiGLU: gate and up).
+* heads: the new heads' q, k and v are multiplied by c, so their scores scale with alpha^2
+  and their output with alpha.
+
+ours (msgrun's earlier placement):
+* hidden: as reference, and also the embedding output and every branch output (attn.proj,
+  mlp.proj), so new residual units are alpha times what they would be (GPT: exactly 0 at alpha 0).
+* ffn: the activations are multiplied by c after the nonlinearity, before mlp.proj.
+* heads: new heads' channels are multiplied by c before attn.proj (scores unmasked).
+
+Both: a new pre-norm block enters as x + alpha * branch(x) (both branch outputs scaled); a new
+post-norm (BERT) block as alpha * block(x) + (1 - alpha) * x, as the reference's encoder does.
 
 Masks are installed by swapping a module's class for a masked subclass: parameters stay the same
 objects under the same names (optimizer state, checkpoints and tied weights are untouched), and
@@ -123,28 +132,40 @@ def _install(module: nn.Module, alpha: torch.Tensor, in_new=None, out_new=None, 
     module.out_alpha = module.out_alpha or out_alpha
 
 
-def install_masks(model, alpha: torch.Tensor, new_units: dict[str, torch.Tensor], new_layers: list[bool]) -> None:
+def install_masks(model, alpha: torch.Tensor, new_units: dict[str, torch.Tensor], new_layers: list[bool],
+                  placement: str = "reference") -> None:
     """Mask the new units of each grown dimension in `new_units` (entry-level 0/1 indicators:
-    hidden over H, heads over A*d_h channels, ffn over F) and the new layers in `new_layers`."""
+    hidden over H, heads over A*d_h channels, ffn over F) and the new layers in `new_layers`,
+    where `placement` (reference | ours) puts the masks."""
     dev = alpha.device
+    reference = placement == "reference"
     hidden = new_units.get("hidden")
     if hidden is not None:
         hidden = hidden.to(dev)
-        for emb in (model.tok_emb, model.pos_emb):
-            if emb is not None:
-                _install(emb, alpha, out_new=hidden)
         for name, module in model.named_modules():
             if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 _install(module, alpha, out_new=hidden)
-        for block in model.blocks:
-            _install(block.attn.proj, alpha, out_new=hidden)
-            _install(block.mlp.proj, alpha, out_new=hidden)
+        if not reference:
+            for emb in (model.tok_emb, model.pos_emb):
+                if emb is not None:
+                    _install(emb, alpha, out_new=hidden)
+            for block in model.blocks:
+                _install(block.attn.proj, alpha, out_new=hidden)
+                _install(block.mlp.proj, alpha, out_new=hidden)
     if "heads" in new_units:
+        heads = new_units["heads"].to(dev)
         for block in model.blocks:
-            _install(block.attn.proj, alpha, in_new=new_units["heads"].to(dev))
+            if reference:  # rows of the fused projection: [q heads | k heads | v heads]
+                _install(block.attn.qkv, alpha, out_new=heads.repeat(3))
+            else:
+                _install(block.attn.proj, alpha, in_new=heads)
     if "ffn" in new_units:
+        ffn = new_units["ffn"].to(dev)
         for block in model.blocks:
-            _install(block.mlp.proj, alpha, in_new=new_units["ffn"].to(dev))
+            if reference:  # before the nonlinearity; swiglu's fc rows are [gate | up]
+                _install(block.mlp.fc, alpha, out_new=ffn.repeat(2 if block.mlp.swiglu else 1))
+            else:
+                _install(block.mlp.proj, alpha, in_new=ffn)
     for block, is_new in zip(model.blocks, new_layers):
         if not is_new:
             continue

@@ -19,8 +19,13 @@ composes, because every width method is a unit map and every depth method a laye
     stack new layers are copies, no masks: 0..L-1,0..L-1 (order stack) or 0,0,1,1 (interleave);
           not function preserving (G_stack, bert2BERT/StackBERT depth)
     raptr the full model exists from step 0; stages raise the expected random-path length
+    A depth growth that is not an integer multiple copies the top layers once more
+    (operator.depth_remainder=top, the MSG reference: 4 -> 6 is 0,1,2,3,2,3), the bottom ones
+    (bottom, CompoundGrowth's code: layer i copies i mod L, 0,1,2,3,0,1), or is refused
+    (refuse, G_stack: whole stacks only).
   seq_len
     warmup train on shorter sequences; nothing structural changes (GPT: no leak of the future)
+    auto   pool for BERT (the paper's operator), warmup for GPT (pooling would leak the future)
     pool   (bert) read full-length sequences and run the blocks on T/pool mean-pooled tokens
           plus the predicted ones (CompoundGrowth's length operator; model.forward); the
           stage's seq_len is the pooled length. Not exact: the probe logs the jump.
@@ -44,7 +49,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from msgrun.errors import ConfigError
-from msgrun.growth.schedule import Shape, Stage
+from msgrun.growth.schedule import Shape, Stage, check_ramp_steps
 from msgrun.growth.surgery import (Origin, UnitMap, grow_parameters, parameter_axes, transplant, unit_maps_for,
                                    unit_size)
 from msgrun.model import ModelArgs, Transformer
@@ -54,7 +59,7 @@ METHODS = {
     "hidden": ("msg", "fpi", "tile"),
     "heads": ("msg", "fpi", "aki", "tile"),
     "ffn": ("msg", "fpi", "aki", "tile"),
-    "seq_len": ("warmup", "pool"),
+    "seq_len": ("warmup", "pool", "auto"),
 }
 COPYING = ("fpi", "aki", "tile")
 CHOICES = {
@@ -65,6 +70,10 @@ CHOICES = {
     "new_moments": ("zero", "mean"),
     "lr_policy": ("continue", "rewind", "restart"),
     "rescale": ("none", "inverse_keep_prob"),
+    "depth_remainder": ("top", "bottom", "refuse"),
+    "new_layer_state": ("fresh", "carry"),
+    "mask_placement": ("reference", "ours"),
+    "ramp_start": ("zero", "increment"),
 }
 
 
@@ -74,13 +83,20 @@ class Grown:
     origins: dict[str, Origin]
     new_units: dict[str, torch.Tensor] = field(default_factory=dict)  # msg dims: entry-level indicators
     new_layers: list[bool] = field(default_factory=list)  # msg depth: layers that enter as identity
+    copied_layers: list[bool] = field(default_factory=list)  # any depth growth: layers that are not originals
 
 
-def layer_map(old: int, new: int, order: str) -> list[int]:
-    """Source layer of each layer of the deeper model."""
-    if order == "stack":  # the trained stack repeated in order: 0..L-1, 0..L-1, ...
-        return [k % old for k in range(new)]
-    return [k * old // new for k in range(new)]  # interleave: 0, 0, 1, 1, ...
+def layer_map(old: int, new: int, order: str, remainder: str = "top") -> list[int]:
+    """Source layer of each layer of the deeper model. Every old layer appears new // old times;
+    the new % old layers left over copy the top old layers (remainder top: the MSG reference,
+    4 -> 6 gives 0,1,2,3,2,3) or the bottom ones (bottom: CompoundGrowth's i mod L, 0,1,2,3,0,1)."""
+    rounds, extra = divmod(new, old)
+    tail = list(range(old - extra, old)) if remainder == "top" else list(range(extra))
+    if order == "stack":  # the trained stack repeated in order, then the remainder: 0..L-1, 0..L-1, ...
+        return list(range(old)) * rounds + tail
+    # interleave: each layer followed by its copies, 0, 0, 1, 1, ... (the reference's
+    # random-interpolate inserts a copy after its source the same way)
+    return [i for i in range(old) for _ in range(rounds + (i in tail))]
 
 
 def first_occurrences(sources: list[int]) -> list[bool]:
@@ -103,12 +119,20 @@ class GrowthOperator:
         for key, valid in CHOICES.items():
             if getattr(cfg, key) not in valid:
                 raise ConfigError(f"operator.{key} = {getattr(cfg, key)!r}; choose one of {', '.join(valid)}.")
-        if cfg.ramp_steps < 1 and self.uses_masks:
-            raise ConfigError(f"operator.ramp_steps = {cfg.ramp_steps}; MSG's mask ramp needs at least 1 step.")
+        if self.uses_masks:
+            check_ramp_steps(cfg.ramp_steps)
         if cfg.variant not in ("fpi", "aki"):
             raise ConfigError(f"operator.variant = {cfg.variant!r}; choose fpi or aki.")
         if cfg.variant == "aki":  # bert2BERT's switch: AKI wherever FPI would copy heads or FFN units
             self.methods.update({d: "aki" for d in ("heads", "ffn") if self.methods[d] == "fpi"})
+        if self.methods["seq_len"] == "auto":
+            self.methods["seq_len"] = "pool" if family == "bert" and pos == "learned" else "warmup"
+        if self.methods["seq_len"] == "pool" and self.methods["heads"] == "msg" and cfg.mask_placement == "reference":
+            raise ConfigError(
+                "operator.seq_len=pool with operator.heads=msg and operator.mask_placement=reference: the reference "
+                "placement masks new heads' q, k and v, but length pooling's first layer computes its keys and "
+                "values from the unpooled input outside that mask. Use operator.mask_placement=ours (new heads "
+                "masked at the output projection) with length pooling.")
         if self.methods["seq_len"] == "pool" and (family != "bert" or pos != "learned"):
             raise ConfigError(
                 f"operator.seq_len=pool needs model.family=bert with model.pos=learned (this model: family={family}, "
@@ -147,6 +171,13 @@ class GrowthOperator:
                 if method == "tile" and new % old:
                     raise ConfigError(f"{stage.describe()} grows {d} {old} -> {new}, but operator.{d}=tile copies "
                                       f"every unit an integer number of times: {new} is not a multiple of {old}.")
+                if d == "layers" and method in ("stack", "msg") and new % old and self.cfg.depth_remainder == "refuse":
+                    raise ConfigError(
+                        f"{stage.describe()} grows layers {old} -> {new}, which is not a whole number of stacks "
+                        f"({new / old:.3g} x), and operator.depth_remainder=refuse (operator '{self.name}' stacks the "
+                        "whole trained model g times). Choose sizes with an integer ratio (schedule.depth_factor sets "
+                        "the start depth to model.layers / g), or operator.depth_remainder=top | bottom to copy "
+                        "part of the stack.")
                 if method == "aki" and d == "hidden":
                     raise ConfigError("operator.hidden=aki: AKI mixes in the next layer's units, which has no "
                                       "meaning for the residual width shared by all layers; use fpi for hidden.")
@@ -184,17 +215,19 @@ class GrowthOperator:
             picks = torch.randint(old, (extra,), generator=gen)
         return UnitMap.from_sources(torch.cat([torch.arange(old), picks]))
 
-    def layer_plan(self, old_layers: int, new_layers: int) -> tuple[list[int | None], list[bool]]:
-        """Source layer of each new layer (None: fresh init) and which layers enter under MSG's
-        identity mask. Deterministic, so an interrupted ramp can be rebuilt on resume."""
+    def layer_plan(self, old_layers: int, new_layers: int) -> tuple[list[int | None], list[bool], list[bool]]:
+        """Source layer of each new layer (None: fresh init), which layers enter under MSG's
+        identity mask, and which are not originals (copies or fresh: no optimizer state of their
+        own under operator.new_layer_state=fresh). Deterministic, so an interrupted ramp can be
+        rebuilt on resume."""
         if new_layers == old_layers:
-            return list(range(old_layers)), [False] * old_layers
-        sources = layer_map(old_layers, new_layers, self.cfg.depth_order)
+            return list(range(old_layers)), [False] * old_layers, [False] * old_layers
+        sources = layer_map(old_layers, new_layers, self.cfg.depth_order, self.cfg.depth_remainder)
         kept = first_occurrences(sources)
         msg = self.methods["layers"] == "msg"
         if msg and self.cfg.depth_init == "random":
             sources = [s if k else None for s, k in zip(sources, kept)]
-        return sources, [msg and not k for k in kept]
+        return sources, [msg and not k for k in kept], [not k for k in kept]
 
     def mask_plan(self, old_args: ModelArgs, new_args: ModelArgs) -> tuple[dict[str, torch.Tensor], list[bool]]:
         """MSG's new-unit indicators (entry level: a head is head_dim channels) and new layers."""
@@ -209,7 +242,7 @@ class GrowthOperator:
         old_args = model.args
         new_args = self.model_args(target, final)
         unit_maps = unit_maps_for(old_args, new_args, lambda d, o, n: self.unit_map(d, o, n, gen))
-        layer_sources, _ = self.layer_plan(old_args.layers, new_args.layers)
+        layer_sources, _, copied = self.layer_plan(old_args.layers, new_args.layers)
         grown_model, origins = grow_parameters(model, new_args, unit_maps, layer_sources, gen)
         for d, um in unit_maps.items():
             if self.methods[d] == "aki":
@@ -217,7 +250,7 @@ class GrowthOperator:
             if self.methods[d] in COPYING and self.cfg.symmetry_noise > 0:
                 break_symmetry(grown_model, d, um, self.cfg.symmetry_noise, gen)
         new_units, new_layers = self.mask_plan(old_args, new_args)
-        return Grown(grown_model, origins, new_units, new_layers)
+        return Grown(grown_model, origins, new_units, new_layers, copied)
 
 
 def copy_groups(um: UnitMap) -> list[torch.Tensor]:

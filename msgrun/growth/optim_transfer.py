@@ -16,9 +16,18 @@ factor, second by its square: see surgery.axis_map), and new entries start per `
 AdamW's step count is per tensor; a grown tensor keeps its source's count (old entries must
 keep their bias correction). A tensor with no source and no sibling starts a fresh state.
 `operator.optimizer_state=reset` builds a fresh optimizer instead (G_stack's code).
+
+New layers of a depth growth (copies or fresh, `fresh_layers`) start with no state at all under
+`operator.new_layer_state=fresh`, as in the MSG reference (its new blocks join the optimizer as
+new parameter groups): AdamW then starts them at step 0 with bias correction. A copied layer's
+gradient is not its source's (under MSG's ramp it is scaled by alpha), so the source's momentum
+would steer it for ~1/(1 - b1) steps. `carry` gives them their source layer's state instead.
+Width copies always move by provenance: there the transfer is exact (see surgery.axis_map).
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -27,13 +36,17 @@ from msgrun.optim import build_adamw
 
 
 def transfer_adamw(old_opt: torch.optim.Optimizer, old_model: torch.nn.Module, new_model: torch.nn.Module,
-                   origins: dict[str, Origin], op_cfg, optim_cfg, device_type: str) -> torch.optim.Optimizer:
+                   origins: dict[str, Origin], op_cfg, optim_cfg, device_type: str,
+                   fresh_layers: set[int] = frozenset()) -> torch.optim.Optimizer:
     lr = old_opt.param_groups[0]["lr"]
     new_opt = build_adamw(new_model, lr, optim_cfg, device_type)
     if op_cfg.optimizer_state == "reset":
         return new_opt
     old_state = {name: old_opt.state[p] for name, p in old_model.named_parameters() if old_opt.state.get(p)}
     for name, p in new_model.named_parameters():
+        layer = re.match(r"^blocks\.(\d+)\.", name)
+        if layer and int(layer.group(1)) in fresh_layers:
+            continue
         origin = origins[name]
         src = old_state.get(origin.source) if origin.source else None
         like = old_state.get(origin.like) if origin.like else None

@@ -79,12 +79,40 @@ def _resolve_spec(spec, base: Shape, final: Shape, where: str) -> Shape:
     return Shape(**sizes)
 
 
+def depth_factor_start(schedule_cfg, final: Shape) -> int | None:
+    """The start depth that `schedule.depth_factor` (G_stack's growth factor g) implies:
+    model.layers / g, refused unless it is a whole number (a partial stack is not G_stack, and
+    rounding a fraction would silently change g)."""
+    g = getattr(schedule_cfg, "depth_factor", None)
+    if g is None:
+        return None
+    if isinstance(g, bool) or not isinstance(g, int) or g < 2:
+        raise ConfigError(f"schedule.depth_factor = {g!r}: the growth factor g must be an integer >= 2 "
+                          "(the final depth is g times the start depth).")
+    if getattr(schedule_cfg.start, "layers", None) is not None:
+        raise ConfigError(f"schedule.depth_factor = {g} sets the start depth (model.layers / g); "
+                          f"schedule.start.layers = {schedule_cfg.start.layers} sets it too. Set one of them "
+                          "(schedule.start.layers=null or schedule.depth_factor=null).")
+    if final.layers % g:
+        fits = [k for k in range(2, final.layers + 1) if final.layers % k == 0]
+        raise ConfigError(
+            f"schedule.depth_factor = {g} needs model.layers divisible by {g}, so that the model starts at "
+            f"model.layers / g layers and grows by stacking them exactly {g} times; model.layers = {final.layers} "
+            f"would start at {final.layers / g:g} layers. Choose model.layers as a multiple of {g} (e.g. "
+            f"{g * max(1, round(final.layers / g))}), or schedule.depth_factor as one of "
+            f"{', '.join(map(str, fits)) or 'none: this depth cannot be stacked'}.")
+    return final.layers // g
+
+
 def resolve_schedule(schedule_cfg, model_cfg) -> tuple[Shape, list[Stage]]:
     """Turn the config's start and stages into absolute shapes, checking the rules that do not
     depend on the operator or the budget: one trigger per stage, targets never shrink, every
     stage grows something, and the last stage reaches the final model."""
     final = final_shape(model_cfg)
     start = _resolve_spec(schedule_cfg.start, final, final, "schedule.start")
+    start_layers = depth_factor_start(schedule_cfg, final)
+    if start_layers is not None:
+        start = start.replace(layers=start_layers)
     for d in DIMS:
         if getattr(start, d) > getattr(final, d):
             raise ConfigError(f"schedule.start.{d} = {getattr(start, d)} is larger than the final model's "
@@ -174,9 +202,42 @@ def simulate_trigger_steps(start: Shape, stages: list[Stage], budget: Budget,
     return steps
 
 
-def check_timing(stages: list[Stage], trigger_steps: list[int | None], ramp_steps: int) -> None:
+def run_steps(start: Shape, stages: list[Stage], trigger_steps: list[int | None], budget: Budget,
+              flops_per_step: Callable[[Shape], float]) -> int:
+    """Optimizer steps the run will train: the first of its budgets to be spent ends it."""
+    n = budget.max_steps
+    if budget.max_tokens:
+        n = min(n, math.ceil(budget.max_tokens / budget.tokens_per_step))
+    if budget.max_flops:
+        shapes = [start] + [s.target for s in stages]
+        bounds = [0] + [s for s in trigger_steps if s is not None] + [n]
+        flops = 0.0
+        for shape, a, b in zip(shapes, bounds, bounds[1:]):
+            per_step = flops_per_step(shape)
+            if flops + (b - a) * per_step >= budget.max_flops:
+                return min(n, a + math.ceil((budget.max_flops - flops) / per_step))
+            flops += (b - a) * per_step
+    return n
+
+
+def check_ramp_steps(value) -> None:
+    """operator.ramp_steps: an int >= 1 (optimizer steps) or a float in (0, 1) (a fraction of the run)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, int) and value < 1) or (isinstance(value, float) and not 0.0 < value < 1.0):
+        raise ConfigError(f"operator.ramp_steps = {value!r}: MSG's mask ramp takes an int >= 1 (optimizer steps) "
+                          "or a float in (0, 1) (that fraction of the run's steps, at least 1).")
+
+
+def resolve_ramp_steps(value, total_steps: int) -> int:
+    """Steps of MSG's ramp (alpha's R increments from 0 to 1) for a run of `total_steps`."""
+    check_ramp_steps(value)
+    return value if isinstance(value, int) else max(1, round(value * total_steps))
+
+
+def check_timing(stages: list[Stage], trigger_steps: list[int | None], ramp_steps: int,
+                 ramp_setting=None) -> None:
     """Stages fire in order, each after the previous one's mask ramp has finished, and before
-    the run ends."""
+    the run ends. `ramp_steps`: steps that train with an event's masks installed (0: no masks)."""
     previous = None
     for stage, step in zip(stages, trigger_steps):
         if step is None:
@@ -189,10 +250,11 @@ def check_timing(stages: list[Stage], trigger_steps: list[int | None], ramp_step
                 raise ConfigError(f"{stage.describe()} fires at step {step}, not after {prev_stage.describe()} "
                                   f"(step {prev_step}); stages must be ordered in time.")
             if ramp_steps and step < prev_step + ramp_steps:
+                setting = ramp_setting if ramp_setting is not None else ramp_steps
                 raise ConfigError(f"{stage.describe()} fires at step {step}, inside the mask ramp of "
-                                  f"{prev_stage.describe()} (steps {prev_step}..{prev_step + ramp_steps}, "
-                                  f"operator.ramp_steps={ramp_steps}). Space the stages further apart or "
-                                  "shorten operator.ramp_steps.")
+                                  f"{prev_stage.describe()} (steps {prev_step}..{prev_step + ramp_steps - 1} train "
+                                  f"with its masks; operator.ramp_steps={setting}). Space the stages further apart "
+                                  "or shorten operator.ramp_steps (an int is steps, a float a fraction of the run).")
         previous = (stage, step)
 
 
