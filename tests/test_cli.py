@@ -43,22 +43,62 @@ def test_full_error_shows_the_traceback(tmp_path, cache_dir):
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
+def tree(d):
+    """Every file below d with its bytes (.hydra/ and checkpoints/ included)."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
 def test_finished_and_different_runs_are_never_overwritten(tmp_path, cache_dir):
     run = tmp_path / "run"
     r = msgrun(tmp_path, cache_dir, "train.max_steps=4", f"hydra.run.dir={run}")
     assert r.returncode == 0, r.stderr
-    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    before = tree(run)
     assert json.loads(before["summary.json"])["status"] == "completed"
+    assert ".hydra/config.yaml" in before and ".hydra/overrides.yaml" in before
 
     again = msgrun(tmp_path, cache_dir, "train.max_steps=4", f"hydra.run.dir={run}")
     assert again.returncode == 2 and "finished run" in again.stderr
+    other = msgrun(tmp_path, cache_dir, "train.max_steps=8", f"hydra.run.dir={run}")
+    assert other.returncode == 2 and "finished run" in other.stderr
+    assert tree(run) == before
 
     (run / "summary.json").unlink()  # an interrupted run with a different config
+    before.pop("summary.json")
     other = msgrun(tmp_path, cache_dir, "train.max_steps=4", "train.lr=1e-2", f"hydra.run.dir={run}")
     assert other.returncode == 2 and "different run" in other.stderr
-    after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
-    before.pop("summary.json")
-    assert after == before
+    # refused before Hydra's records were written (.hydra/ byte-identical) and before any data
+    # preparation or pre-flight (neither printed a line)
+    assert tree(run) == before
+    assert "data:" not in other.stdout and "pre-flight" not in other.stdout
+
+
+def test_refusal_never_removes_a_directory_it_did_not_create(tmp_path, cache_dir):
+    """`mkdir d && msgrun model.heads=0 hydra.run.dir=d > d/train.log 2>&1` used to delete d
+    and the log that held the error; so did hydra.run.dir=. with the current directory."""
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "train.log").write_text("the user's own log\n")
+    r = msgrun(tmp_path, cache_dir, "model.heads=0", f"hydra.run.dir={d}")
+    assert r.returncode == 2 and "model.heads" in r.stderr
+    assert tree(d) == {"train.log": b"the user's own log\n"}  # kept, and nothing of msgrun's left in it
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.log").write_text("x")
+    r = msgrun(work, cache_dir, "model.heads=0", "hydra.run.dir=.")
+    assert r.returncode == 2
+    assert tree(work) == {"notes.log": b"x"}
+
+    # a refusal after .hydra/ was written (the data is missing): .hydra/ goes, the directory stays
+    r = msgrun(tmp_path, cache_dir, "data=files", "data.paths=[/no/such/dir]", f"hydra.run.dir={d}")
+    assert r.returncode == 2 and "data.paths" in r.stderr
+    assert tree(d) == {"train.log": b"the user's own log\n"}
+
+
+def test_refusal_removes_the_directories_it_created(tmp_path, cache_dir):
+    r = msgrun(tmp_path, cache_dir, "data=files", "data.paths=[/no/such/dir]", f"hydra.run.dir={tmp_path}/a/b/run")
+    assert r.returncode == 2 and "data.paths" in r.stderr
+    assert not (tmp_path / "a").exists()
 
 
 def bad_inputs(tmp_path):

@@ -106,3 +106,43 @@ def test_checkpoints_load_without_executing_code(tmp_path, cache_dir):
     path = checkpoint.newest_valid(tmp_path)
     state = torch.load(path, weights_only=True)  # raises if the file needs pickled code
     assert {"model", "optimizer", "rng", "engine", "counters"} <= state.keys()
+
+
+def stop_when_logged(run_dir, overrides, cache_dir, step, sig):
+    """Start the run and send `sig` once metrics.jsonl shows `step`; the run must stop by itself
+    with a checkpoint and exit 128 + sig."""
+    proc = subprocess.Popen(command(run_dir, overrides), env=env(cache_dir), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = Path(run_dir) / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and any(json.loads(l)["step"] >= step for l in metrics.read_text().splitlines() if l.strip()):
+            proc.send_signal(sig)
+            break
+        time.sleep(0.02)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + sig, (proc.returncode, err[-3000:])
+    assert f"interrupted by {signal.Signals(sig).name}" in err and "Traceback" not in err, err[-3000:]
+    return out, err
+
+
+# no checkpoints by step count: every checkpoint after growth comes from the signal
+SIGNALLED_MSG_RUN = [o for o in MSG_RUN if not o.startswith(("train.checkpoint_every", "train.keep_checkpoints"))]
+
+
+def test_signals_stop_with_a_checkpoint_and_the_rerun_equals_an_uninterrupted_run(tmp_path, cache_dir, reference):
+    """SIGTERM inside the first MSG ramp (steps 8-14), SIGUSR1 inside the second (20-26): each
+    run finishes its step, writes a checkpoint at the last logged step (no work lost), says
+    "interrupted" in summary.json, and the final rerun's metrics equal an uninterrupted run's."""
+    for step, sig in ((11, signal.SIGTERM), (22, signal.SIGUSR1)):
+        stop_when_logged(tmp_path, SIGNALLED_MSG_RUN, cache_dir, step, sig)
+        summary = json.loads((tmp_path / "summary.json").read_text())
+        assert summary["status"] == "interrupted" and signal.Signals(sig).name in summary["error"]
+        last_logged = read_jsonl(tmp_path / "metrics.jsonl")[-1]["step"]
+        newest = checkpoint.newest_valid(tmp_path, warn=lambda *_: None)
+        assert newest is not None and newest.name == f"step_{last_logged:09d}.pt"
+        assert last_logged >= step
+    r = run_to_end(tmp_path, SIGNALLED_MSG_RUN, cache_dir)
+    assert "resuming from" in r.stdout
+    assert exact(read_jsonl(tmp_path / "metrics.jsonl")) == exact(reference["msg"][0])
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
