@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,12 @@ def write_json_atomic(path: Path, obj) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not Path(path).exists():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 class JsonLines:
@@ -114,8 +121,11 @@ class Wandb:
     run. History rows carry the training step as wandb's step. A resume rewinds to its checkpoint
     and recomputes the steps after it bit for bit; wandb.json records the last step a segment
     handed to wandb before it finished cleanly (a signal, an error, the end), and the next segment
-    does not log those steps again. (A segment killed without finishing records nothing: its steps
-    are logged again, and wandb online ignores a step below the run's current one.)"""
+    does not log those steps again. A segment killed without finishing (SIGKILL) records nothing,
+    and offline its file holds no history at all: the next segment first logs the steps it lacks
+    from metrics.jsonl and growth.jsonl (`backfill`), which hold every step up to the checkpoint
+    exactly; online, wandb ignores a step below the resumed run's current one, so a step that did
+    reach the server is not duplicated either."""
 
     def __init__(self, cfg, run_dir: Path, config: dict, name: str, group: str | None, tags: list[str]):
         self.run = None
@@ -127,7 +137,7 @@ class Wandb:
         self.wandb = wandb
         self.record = Path(run_dir) / "wandb.json"
         state = json.loads(self.record.read_text()) if self.record.exists() else {}
-        self.id = state.get("id") or wandb.util.generate_id()
+        self.id = state.get("id") or secrets.token_hex(4)  # not `random`: the run's RNG streams stay untouched
         self.logged_through = state.get("logged_through", -1)
         self.last_step = self.logged_through
         write_json_atomic(self.record, {"id": self.id, "logged_through": self.logged_through})
@@ -149,6 +159,14 @@ class Wandb:
     def log_growth(self, record: dict) -> None:
         flat = {f"growth/{k}": v for k, v in record.items() if isinstance(v, (int, float))}
         self._log(record["step"], {"flops": record["flops"], "tokens": record["tokens"], **flat})
+
+    def backfill(self, metrics: Path, growth: Path) -> None:
+        """Log the records of the run's files that this wandb run has not received, in order."""
+        if self.run is None:
+            return
+        rows = [(r["step"], 0, r) for r in read_jsonl(metrics)] + [(r["step"], 1, r) for r in read_jsonl(growth)]
+        for _, is_growth, record in sorted(rows, key=lambda row: row[:2]):
+            self.log_growth(record) if is_growth else self.log(record)
 
     def finish(self, exit_code: int = 0) -> None:
         if self.run is not None:

@@ -142,6 +142,7 @@ class Trainer:
             self.growth_log = JsonLines(self.run_dir / "growth.jsonl")
             self.wandb = Wandb(cfg.logger.wandb, self.run_dir, OmegaConf.to_container(cfg, resolve=True),
                                name=self.run_name(), group=self.sweep_group(), tags=self.tags())
+            self.wandb.backfill(self.run_dir / "metrics.jsonl", self.run_dir / "growth.jsonl")  # after a SIGKILL
             self.console.print(self.describe(resumed))
             self.console.print(describe_preflight(self.preflight))
         status, error = "failed", None
