@@ -146,3 +146,38 @@ def test_signals_stop_with_a_checkpoint_and_the_rerun_equals_an_uninterrupted_ru
     assert "resuming from" in r.stdout
     assert exact(read_jsonl(tmp_path / "metrics.jsonl")) == exact(reference["msg"][0])
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
+
+
+def test_a_failed_checkpoint_write_is_one_paragraph_and_keeps_the_previous_ones(tmp_path, cache_dir):
+    """A file-size limit (as `ulimit -f` sets) below the grown model's checkpoint: the write after
+    the second growth event fails. One paragraph, exit 2, no temporary file, the earlier
+    checkpoints kept and loadable."""
+    import resource
+
+    limit = 6 * 2**20  # above the checkpoints of the first two shapes, below the final shape's
+
+    def set_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    r = subprocess.run(command(tmp_path, MSG_RUN), env=env(cache_dir), capture_output=True, text=True, timeout=300,
+                       preexec_fn=set_limit)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Could not write checkpoint" in r.stderr and "Traceback" not in r.stderr
+    assert "previous checkpoints are kept" in r.stderr
+    assert not list((tmp_path / "checkpoints").glob(".*tmp"))
+    kept = [p for p in checkpoint.list_checkpoints(tmp_path) if checkpoint.is_valid(p)]
+    assert len(kept) >= 2 and all(p.stat().st_size < limit for p in kept)
+    assert checkpoint.newest_loadable(tmp_path, warn=lambda *_: None)[0] == kept[-1]
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
+
+
+def test_a_checkpoint_that_matches_its_sidecar_but_does_not_load_is_skipped(tmp_path, cache_dir, reference):
+    kill_when_logged(tmp_path, MSG_RUN, cache_dir, 13)
+    ckpts = [p for p in checkpoint.list_checkpoints(tmp_path) if checkpoint.is_valid(p)]
+    assert len(ckpts) >= 2
+    newest = ckpts[-1]
+    newest.write_bytes(b"not a torch file, but its checksum matches")
+    newest.with_name(newest.name + ".sha256").write_text(checkpoint.sha256(newest))
+    r = run_to_end(tmp_path, MSG_RUN, cache_dir)
+    assert "does not load" in r.stdout and f"resuming from {ckpts[-2]}" in r.stdout
+    assert exact(read_jsonl(tmp_path / "metrics.jsonl")) == exact(reference["msg"][0])
