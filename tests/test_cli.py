@@ -104,9 +104,23 @@ def test_refusal_removes_the_directories_it_created(tmp_path, cache_dir):
 def bad_inputs(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("")
+    (tmp_path / "nothing").mkdir()
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "a.txt").write_text("some text\n" * 50)
+    (tmp_path / "linked" / "b.txt").symlink_to(tmp_path / "moved_away.txt")
     (tmp_path / "broken.json").write_text('{"not": "a tokenizer"}')
     (tmp_path / "a_file").write_text("x")
     return {
+        "empty directory": (["data=files", f"data.paths=[{tmp_path}/nothing]"], ["data.paths", "holds no files"]),
+        "dangling symlink": (["data=files", f"data.paths=[{tmp_path}/linked]"],
+                             ["b.txt", "symbolic link", "moved_away.txt", "does not exist"]),
+        "one beta": (["optim.betas=[0.9]"], ["optim.betas", "two decay rates"]),
+        "wandb online without a key": (["logger=wandb", "logger.wandb.mode=online"],
+                                       ["API key", "wandb login", "logger.wandb.mode=offline"]),
+        "negative time budget": (["train.max_minutes=-1"], ["train.max_minutes", "(0, inf)"]),
+        "negative checkpoint interval": (["train.checkpoint_every=-1"], ["train.checkpoint_every", "[0, inf)"]),
+        "key added with +": (["+model.layer=3"], ["model.layer", "Valid keys of model", "layers"]),
+        "unknown key": (["train.max_stepz=3"], ["max_stepz", "Valid keys of train", "max_steps"]),
         "unknown group option": (["model=gpt_huge"], ["gpt_huge", "gpt_tiny"]),
         "wrong type": (["train.max_steps=many"], ["max_steps", "many"]),
         "impossible shape": (["model.hidden=0"], ["model.hidden"]),
@@ -124,15 +138,34 @@ def bad_inputs(tmp_path):
 
 @pytest.mark.parametrize("case", ["unknown group option", "wrong type", "impossible shape", "shrinking stage",
                                   "stage overlapping a ramp", "unsupported dimension", "stage after the end",
-                                  "empty corpus", "broken tokenizer", "unwritable output directory"])
+                                  "empty corpus", "broken tokenizer", "unwritable output directory",
+                                  "empty directory", "dangling symlink", "one beta", "wandb online without a key",
+                                  "negative time budget", "negative checkpoint interval", "key added with +",
+                                  "unknown key"])
 def test_bad_input_catalogue(tmp_path, cache_dir, case):
-    """Each bad input: non-zero exit, one paragraph naming the key, no traceback, no run directory."""
+    """Each bad input: exit code 2, a paragraph that starts "msgrun: error:" and names the key, no
+    traceback, no run directory. (Hydra's composition errors used to exit 1 with Hydra's wording.)"""
     args, words = bad_inputs(tmp_path)[case]
     if not any(a.startswith("hydra.run.dir") for a in args):
         args = [*args, f"hydra.run.dir={tmp_path}/run"]
-    r = msgrun(tmp_path, cache_dir, "train.max_steps=100", *args)
-    assert r.returncode != 0
+    no_key = {"WANDB_API_KEY": "", "NETRC": str(tmp_path / "no_netrc")}  # nobody is logged in to wandb
+    r = msgrun(tmp_path, cache_dir, "train.max_steps=100", *args, env=no_key)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("msgrun: error: "), r.stderr
     assert "Traceback" not in r.stderr, r.stderr
     for w in words:
         assert w in r.stderr, (w, r.stderr)
     assert not (tmp_path / "run").exists()
+
+
+def test_binary_corpus_and_small_tokenizer_are_warned_about(tmp_path, cache_dir):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"{i}.txt").write_text(f"def f{i}(x):\n    return x + {i}\n" * 40)
+    (corpus / "blob.bin").write_bytes(bytes(range(256)) * 8)  # NUL bytes, invalid UTF-8
+    r = msgrun(tmp_path, cache_dir, "data=files", f"data.paths=[{corpus}]", "data.vocab_size=4096",
+               "train.max_steps=2", "train.log_every=1", "train.eval_every=2", f"hydra.run.dir={tmp_path}/run")
+    assert r.returncode == 0, r.stderr
+    assert "binary or not valid UTF-8" in r.stdout and "blob.bin" in r.stdout
+    assert "fewer than data.vocab_size=4096" in r.stdout
