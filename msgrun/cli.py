@@ -80,6 +80,7 @@ def run_job(cfg: DictConfig) -> float | None:
         print(f"msgrun: error: {e}", file=sys.stderr)
         if multirun:
             if "config.json" not in existed[run_dir]:  # never write into another run's directory
+                write_hydra_record(run_dir, cfg)  # the sweep summary lists the job by its record
                 (run_dir / "error.log").write_text(f"{e}\n")
             return math.inf
         sys.exit(2)

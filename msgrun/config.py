@@ -344,7 +344,7 @@ def check_config(cfg) -> None:
         raise ConfigError(
             "logger.wandb.mode=online needs a W&B API key, and none is set (no WANDB_API_KEY, no key in ~/.netrc). "
             "Run `wandb login` (or export WANDB_API_KEY=...), or log offline with logger.wandb.mode=offline and "
-            "upload later with `wandb sync <run_dir>/wandb`, or turn W&B off with logger=none.")
+            "upload later with `wandb sync <run_dir>/wandb/offline-run-*`, or turn W&B off with logger=none.")
 
 
 def wandb_logged_in() -> bool:
