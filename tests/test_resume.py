@@ -42,19 +42,25 @@ def run_to_end(run_dir, overrides, cache_dir):
     return r
 
 
-def kill_when_logged(run_dir, overrides, cache_dir, step):
-    """Start the run and SIGKILL it as soon as metrics.jsonl shows `step` (it may be a step further)."""
-    proc = subprocess.Popen(command(run_dir, overrides), env=env(cache_dir), stdout=subprocess.DEVNULL,
+def signal_when_logged(run_dir, overrides, cache_dir, step, sig):
+    """Start the run and send `sig` as soon as metrics.jsonl shows `step` (it may be a step
+    further); returns the exit code and the output."""
+    proc = subprocess.Popen(command(run_dir, overrides), env=env(cache_dir), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     metrics = Path(run_dir) / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and any(json.loads(l)["step"] >= step for l in metrics.read_text().splitlines() if l.strip()):
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(sig)
             break
         time.sleep(0.02)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before step {step}: {proc.stderr.read()[-2000:]}"
+    out, err = proc.communicate(timeout=240)
+    return proc.returncode, out, err
+
+
+def kill_when_logged(run_dir, overrides, cache_dir, step):
+    rc, _, err = signal_when_logged(run_dir, overrides, cache_dir, step, signal.SIGKILL)
+    assert rc == -signal.SIGKILL, f"the run ended before step {step}: {err[-2000:]}"
 
 
 def exact(records):
@@ -90,14 +96,23 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, cache_dir, refere
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
 
 
-def test_corrupt_checkpoint_is_skipped_for_the_previous_one(tmp_path, cache_dir, reference):
+def truncate(path):  # a crash in the middle of a write: the sidecar no longer matches
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def replace_keeping_the_sidecar(path):  # matches its sidecar, yet is no torch file
+    path.write_bytes(b"not a torch file, but its checksum matches")
+    path.with_name(path.name + ".sha256").write_text(checkpoint.sha256(path))
+
+
+@pytest.mark.parametrize("damage,warning", [(truncate, "corrupt"), (replace_keeping_the_sidecar, "does not load")])
+def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(tmp_path, cache_dir, reference, damage, warning):
     kill_when_logged(tmp_path, MSG_RUN, cache_dir, 13)
     ckpts = [p for p in checkpoint.list_checkpoints(tmp_path) if checkpoint.is_valid(p)]
     assert len(ckpts) >= 2
-    newest = ckpts[-1]
-    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated by a crash
+    damage(ckpts[-1])
     r = run_to_end(tmp_path, MSG_RUN, cache_dir)
-    assert "corrupt" in r.stdout and f"resuming from {ckpts[-2]}" in r.stdout
+    assert warning in r.stdout and f"resuming from {ckpts[-2]}" in r.stdout
     assert exact(read_jsonl(tmp_path / "metrics.jsonl")) == exact(reference["msg"][0])
 
 
@@ -109,19 +124,9 @@ def test_checkpoints_load_without_executing_code(tmp_path, cache_dir):
 
 
 def stop_when_logged(run_dir, overrides, cache_dir, step, sig):
-    """Start the run and send `sig` once metrics.jsonl shows `step`; the run must stop by itself
-    with a checkpoint and exit 128 + sig."""
-    proc = subprocess.Popen(command(run_dir, overrides), env=env(cache_dir), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    metrics = Path(run_dir) / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and any(json.loads(l)["step"] >= step for l in metrics.read_text().splitlines() if l.strip()):
-            proc.send_signal(sig)
-            break
-        time.sleep(0.02)
-    out, err = proc.communicate(timeout=240)
-    assert proc.returncode == 128 + sig, (proc.returncode, err[-3000:])
+    """The run must stop by itself on `sig`, with a checkpoint, and exit 128 + sig."""
+    rc, out, err = signal_when_logged(run_dir, overrides, cache_dir, step, sig)
+    assert rc == 128 + sig, (rc, err[-3000:])
     assert f"interrupted by {signal.Signals(sig).name}" in err and "Traceback" not in err, err[-3000:]
     return out, err
 
@@ -169,15 +174,3 @@ def test_a_failed_checkpoint_write_is_one_paragraph_and_keeps_the_previous_ones(
     assert len(kept) >= 2 and all(p.stat().st_size < limit for p in kept)
     assert checkpoint.newest_loadable(tmp_path, warn=lambda *_: None)[0] == kept[-1]
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
-
-
-def test_a_checkpoint_that_matches_its_sidecar_but_does_not_load_is_skipped(tmp_path, cache_dir, reference):
-    kill_when_logged(tmp_path, MSG_RUN, cache_dir, 13)
-    ckpts = [p for p in checkpoint.list_checkpoints(tmp_path) if checkpoint.is_valid(p)]
-    assert len(ckpts) >= 2
-    newest = ckpts[-1]
-    newest.write_bytes(b"not a torch file, but its checksum matches")
-    newest.with_name(newest.name + ".sha256").write_text(checkpoint.sha256(newest))
-    r = run_to_end(tmp_path, MSG_RUN, cache_dir)
-    assert "does not load" in r.stdout and f"resuming from {ckpts[-2]}" in r.stdout
-    assert exact(read_jsonl(tmp_path / "metrics.jsonl")) == exact(reference["msg"][0])
