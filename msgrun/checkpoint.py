@@ -17,7 +17,6 @@ resumed run's files equal an uninterrupted run's.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import time
@@ -25,13 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from msgrun import distributed
 from msgrun.errors import CheckpointError
 from msgrun.model import ModelArgs, Transformer
 from msgrun.optim import build_adamw
-from msgrun.rundir import check_run_dir, config_json, different_run_message
+from msgrun.rundir import check_run_dir, config_json, different_run_message, finished_run_message
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -230,8 +228,6 @@ def choose_checkpoint(trainer, resume: bool) -> tuple[Path | None, dict | None]:
     unresumable partial run of the same config), or a CheckpointError when the directory must not
     be touched. (The CLI has refused finished and different runs already, before anything was
     written; the check is repeated for callers other than the CLI.)"""
-    from msgrun.rundir import finished_run_message
-
     run_dir = trainer.run_dir
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

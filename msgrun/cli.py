@@ -38,9 +38,10 @@ def run_job(cfg: DictConfig) -> float | None:
     multirun = hc.mode == RunMode.MULTIRUN
     choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra")}
     overrides = list(hc.overrides.task)
-    # what existed before this command: the only things a refusal may never remove
-    seeds = list(cfg.objective.seeds) if "objective" in cfg else []
+    seeds = list(cfg.objective.seeds)
     job_dirs = [run_dir / f"seed{s}" for s in seeds] or [run_dir]
+    # what existed before this command, and which directories it creates: a refusal removes only
+    # what it created
     existed = {d: {p.name for p in d.iterdir()} if d.is_dir() else set() for d in job_dirs + [run_dir]}
     created = {d: first_missing(d) for d in job_dirs if d != run_dir}
     created[run_dir] = CREATED_ROOT.get(str(run_dir)) if not multirun else None

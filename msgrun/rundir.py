@@ -98,22 +98,20 @@ def different_run_message(run_dir: Path) -> str:
             "with hydra.run.dir=NEW_PATH.")
 
 
-def write_hydra_record(run_dir: Path, task_cfg) -> bool:
+def write_hydra_record(run_dir: Path, task_cfg) -> None:
     """Write Hydra's record of the job (.hydra/config.yaml, hydra.yaml, overrides.yaml) unless the
     directory has one: a resume keeps the original command's record. (conf/config.yaml sets
-    hydra.output_subdir=null so Hydra does not write it before msgrun has checked the directory.)
-    Returns True when it wrote one."""
+    hydra.output_subdir=null so Hydra does not write it before msgrun has checked the directory.)"""
     from hydra.core.hydra_config import HydraConfig
 
     record = Path(run_dir) / ".hydra"
     if record.exists():
-        return False
+        return
     hydra_cfg = HydraConfig.instance().cfg
     record.mkdir(parents=True)
     OmegaConf.save(task_cfg, record / "config.yaml")
     OmegaConf.save(hydra_cfg, record / "hydra.yaml")
     OmegaConf.save(hydra_cfg.hydra.overrides.task, record / "overrides.yaml")
-    return True
 
 
 def remove_own_setup(run_dir: Path, existed_before: set[str], created_root: Path | None) -> None:
@@ -128,7 +126,10 @@ def remove_own_setup(run_dir: Path, existed_before: set[str], created_root: Path
     for name in OWN_SETUP_FILES:
         if name not in existed_before:
             path = run_dir / name
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
     if created_root is None:
         return
     d = run_dir.absolute()

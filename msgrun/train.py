@@ -124,13 +124,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup and teardown
     def run(self) -> dict:
-        cfg = self.cfg
         # from here on a scheduler's signal (or Ctrl-C) stops at a step boundary with a checkpoint
-        self.stop = StopSignals().__enter__()
-        try:
+        with StopSignals() as self.stop:
             return self._run()
-        finally:
-            self.stop.__exit__()
 
     def _run(self) -> dict:
         cfg = self.cfg
