@@ -1,7 +1,8 @@
 """Hydra callbacks (enabled in conf/config.yaml) and what a job returns to a sweeper.
 
 `OutputDirCheck` refuses an output directory that cannot be created before Hydra tries to create
-it (Hydra's own failure is a traceback).
+it (Hydra's own failure is a traceback), and notes whether the run directory existed before this
+command, so that a refused command never removes a directory it did not create (msgrun.rundir).
 
 A job never raises into Hydra's launcher (a failed job would stop the sweep or hide the others'
 results); it records its status in summary.json / error.log and returns. `SweepSummary` (a Hydra
@@ -48,7 +49,13 @@ class OutputDirCheck(Callback):
             raise SystemExit(2)
 
     def on_run_start(self, config, **kwargs) -> None:
+        import os
+
+        from msgrun.rundir import CREATED_ROOT, first_missing
+
         self._check(config.hydra.run.dir, "hydra.run.dir")
+        run_dir = os.path.abspath(config.hydra.run.dir)
+        CREATED_ROOT[run_dir] = first_missing(run_dir)
 
     def on_multirun_start(self, config, **kwargs) -> None:
         self._check(config.hydra.sweep.dir, "hydra.sweep.dir")

@@ -5,7 +5,9 @@ its optimizer state, the LR schedule, the counters, every RNG (torch, CUDA, nump
 the init generator that future growth events draw new weights from), the growth state (stages
 done, an ongoing MSG ramp, the RaPTr path length), the partial logging window, and the resolved
 config. Files are written atomically (temporary file, fsync, rename) with a SHA-256 sidecar; a
-checkpoint whose bytes do not match is skipped for the previous one. Loading uses
+checkpoint whose bytes do not match, or which matches but does not load, is skipped for the
+previous one. A write that fails (disk full, a file-size limit) removes its temporary file, keeps
+the previous checkpoints and ends the run with one paragraph. Loading uses
 `torch.load(weights_only=True)`, so a checkpoint cannot execute code.
 
 Resuming truncates metrics.jsonl and growth.jsonl to what the checkpoint had logged, so a
@@ -15,37 +17,23 @@ resumed run's files equal an uninterrupted run's.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from msgrun import distributed
 from msgrun.errors import CheckpointError
 from msgrun.model import ModelArgs, Transformer
 from msgrun.optim import build_adamw
-
-# keys that may differ between the interrupted and the resuming command
-RESUME_FREE_KEYS = ("train.resume", "train.max_minutes", "train.threads", "train.preflight", "logger")
+from msgrun.rundir import check_run_dir, config_json, different_run_message, finished_run_message
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
-
-
-def comparable_config(cfg) -> dict:
-    c = OmegaConf.to_container(cfg, resolve=True)
-    for key in RESUME_FREE_KEYS:
-        parts = key.split(".")
-        node = c
-        for p in parts[:-1]:
-            node = node.get(p, {})
-        node.pop(parts[-1], None)
-    return c
 
 
 def sha256(path: Path) -> str:
@@ -65,12 +53,18 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write(path: Path, write) -> None:
+    """Write through a temporary file that replaces `path` only once complete; on any failure
+    the temporary file is removed and `path` is left as it was."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
@@ -92,21 +86,55 @@ def newest_valid(run_dir: Path, warn=print) -> Path | None:
     return None
 
 
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def newest_loadable(run_dir: Path, warn=print) -> tuple[Path | None, dict | None]:
+    """The newest checkpoint whose checksum matches and which loads (a file can match its sidecar
+    and still not load: written by another torch, or damaged before its sidecar was computed),
+    with its state."""
+    for path in reversed(list_checkpoints(run_dir)):
+        if not is_valid(path):
+            warn(f"warning: checkpoint {path} is corrupt or incomplete (checksum mismatch); trying the previous one.")
+            continue
+        try:
+            state = load(path)
+            state["counters"]["step"]  # noqa: B018 - a file that loads but is not a msgrun checkpoint
+        except Exception as e:  # noqa: BLE001 - any failure to read it means: use the previous one
+            warn(f"warning: checkpoint {path} does not load ({type(e).__name__}: {str(e)[:200]}); trying the "
+                 "previous one.")
+            continue
+        return path, state
+    return None, None
+
+
+def last_save_time(trainer) -> float:
+    """When the trainer last wrote a checkpoint (monotonic clock); the first call starts the clock."""
+    if getattr(trainer, "_last_save_time", None) is None:
+        trainer._last_save_time = time.monotonic()
+    return trainer._last_save_time
+
+
 def last_good_message(trainer) -> str:
     good = newest_valid(trainer.run_dir, warn=lambda *_: None)
     return f"The last good checkpoint is {good}." if good else "No checkpoint has been written yet."
 
 
-def save(trainer) -> None:
-    """Write a checkpoint of the trainer's state and keep the newest K valid ones. Every rank
-    gathers (a collective under FSDP); rank 0 writes."""
+def save(trainer) -> Path:
+    """Write a checkpoint of the trainer's state and keep the newest K valid ones; returns its
+    path. Every rank gathers (a collective under FSDP); rank 0 writes."""
+    path = checkpoint_dir(trainer.run_dir) / f"step_{trainer.step:09d}.pt"
+    if getattr(trainer, "_saved_step", None) == trainer.step:  # e.g. a signal right after a scheduled save
+        return path
     model_state, optim_state = distributed.full_state(trainer.model, trainer.optimizer)
     # the global generators (dropout masks) are seeded per rank: each rank's state is saved
     rank_rng = distributed.all_gather(
         {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         trainer.dist)
+    trainer._saved_step, trainer._last_save_time = trainer.step, time.monotonic()
     if not trainer.is_main:
-        return
+        return path
     d = checkpoint_dir(trainer.run_dir)
     d.mkdir(exist_ok=True)
     state = {
@@ -127,23 +155,31 @@ def save(trainer) -> None:
             "python": random.getstate(),
             "init": trainer.init_gen.get_state(),
         },
-        "config": json.dumps(comparable_config(trainer.cfg), sort_keys=True),
+        "config": config_json(trainer.cfg),
         "fingerprints": fingerprints(trainer),
         "log_lines": {"metrics": count_lines(trainer.run_dir / "metrics.jsonl"),
                       "growth": count_lines(trainer.run_dir / "growth.jsonl")},
     }
-    path = d / f"step_{trainer.step:09d}.pt"
+    side = path.with_name(path.name + ".sha256")
+    written = False
     try:
         atomic_write(path, lambda f: torch.save(state, f))
-        atomic_write(path.with_name(path.name + ".sha256"), lambda f: f.write(sha256(path).encode()))
-    except OSError as e:
-        raise CheckpointError(f"Could not write checkpoint {path}: {e}. Check free disk space and permissions of "
-                              f"the run directory {trainer.run_dir}.") from e
+        written = True
+        atomic_write(side, lambda f: f.write(sha256(path).encode()))
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write (EFBIG, ENOSPC) as RuntimeError
+        if written:  # this write replaced the file; without its sidecar it would only be skipped
+            path.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"Could not write checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:300]}). The disk may "
+            f"be full or a file-size limit (ulimit -f) reached; the previous checkpoints are kept. "
+            f"{last_good_message(trainer)} Free space or raise the limit, then rerun the same command to resume."
+        ) from e
     keep = max(1, trainer.cfg.train.keep_checkpoints)
     valid = [p for p in list_checkpoints(trainer.run_dir) if is_valid(p)]
     for old in valid[:-keep]:  # never delete the newest valid ones (the only good one included)
         old.unlink(missing_ok=True)
         old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+    return path
 
 
 def count_lines(path: Path) -> int:
@@ -163,13 +199,13 @@ def truncate_lines(path: Path, n: int) -> None:
 
 def prepare_run_dir(trainer, resume: bool) -> bool:
     """Decide between a fresh start and a resume, refusing anything that would damage an existing
-    run; on resume, load the newest valid checkpoint into the trainer. Rank 0 decides and every
+    run; on resume, load the newest good checkpoint into the trainer. Rank 0 decides and every
     rank follows (an error on rank 0 is raised on every rank, so none waits forever).
     Returns True on resume."""
-    decision = None
+    decision, state = None, None
     if trainer.is_main:
         try:
-            path = choose_checkpoint(trainer, resume)
+            path, state = choose_checkpoint(trainer, resume)
             decision = {"path": None if path is None else str(path)}
         except CheckpointError as e:
             decision = {"error": str(e)}
@@ -178,8 +214,7 @@ def prepare_run_dir(trainer, resume: bool) -> bool:
         raise CheckpointError(decision["error"])
     if decision["path"] is None:
         return False
-    state = torch.load(decision["path"], map_location="cpu", weights_only=True)
-    restore(trainer, state)
+    restore(trainer, state if state is not None else load(decision["path"]))
     if trainer.is_main:
         truncate_lines(trainer.run_dir / "metrics.jsonl", state["log_lines"]["metrics"])
         truncate_lines(trainer.run_dir / "growth.jsonl", state["log_lines"]["growth"])
@@ -188,9 +223,11 @@ def prepare_run_dir(trainer, resume: bool) -> bool:
     return True
 
 
-def choose_checkpoint(trainer, resume: bool) -> Path | None:
-    """The checkpoint to resume from (None: a fresh start, after clearing an unresumable partial
-    run of the same config), or a CheckpointError when the directory must not be touched."""
+def choose_checkpoint(trainer, resume: bool) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume from and its state ((None, None): a fresh start, after clearing an
+    unresumable partial run of the same config), or a CheckpointError when the directory must not
+    be touched. (The CLI has refused finished and different runs already, before anything was
+    written; the check is repeated for callers other than the CLI.)"""
     run_dir = trainer.run_dir
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -200,26 +237,20 @@ def choose_checkpoint(trainer, resume: bool) -> Path | None:
     except OSError as e:
         raise CheckpointError(f"The run directory {run_dir} is not writable ({e.strerror}). Choose another with "
                               "hydra.run.dir=PATH (hydra.sweep.dir=PATH for multiruns).") from e
-    summary = run_dir / "summary.json"
-    if summary.exists() and json.loads(summary.read_text()).get("status") == "completed":
-        raise CheckpointError(
-            f"The run directory {run_dir} holds a finished run (summary.json says completed); msgrun never "
-            "overwrites one. To train again, write elsewhere with hydra.run.dir=NEW_PATH; to train longer, "
-            "start a new run from scratch with a larger budget.")
-    this_config = json.dumps(comparable_config(trainer.cfg), sort_keys=True)
+    this_config = config_json(trainer.cfg)
+    state_of_dir = check_run_dir(run_dir, this_config)
+    if state_of_dir == "finished":
+        raise CheckpointError(finished_run_message(run_dir))
     had_logs = (run_dir / "metrics.jsonl").exists()
-    path = newest_valid(run_dir, warn=trainer.console.print) if (had_logs or list_checkpoints(run_dir)) else None
+    path, state = (newest_loadable(run_dir, warn=trainer.console.print) if state_of_dir == "resume"
+                   else (None, None))
     if path is None:
-        stored = load_config_of(run_dir)
-        if had_logs and stored is not None and stored != this_config:
-            raise CheckpointError(different_run_message(run_dir))
         if had_logs:
             trainer.console.print(f"warning: {run_dir} has no valid checkpoint; starting the run from scratch.")
         for name in ("metrics.jsonl", "growth.jsonl", "summary.json"):
             (run_dir / name).unlink(missing_ok=True)
         atomic_write(run_dir / "config.json", lambda f: f.write(this_config.encode()))
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        return None, None
     if state["config"] != this_config:
         raise CheckpointError(different_run_message(run_dir))
     saved_world = len(state["rank_rng"])
@@ -234,22 +265,11 @@ def choose_checkpoint(trainer, resume: bool) -> Path | None:
             f"The run in {run_dir} was trained on other data or with another tokenizer (fingerprints "
             f"{state['fingerprints']} then, {fingerprints(trainer)} now): the same config now reads different "
             "files. Restore the original data/tokenizer.json to resume, or start a new run with hydra.run.dir=NEW_PATH.")
-    return path
+    return path, state
 
 
 def fingerprints(trainer) -> dict:
     return {"data": trainer.corpus.data_fingerprint, "tokenizer": trainer.corpus.tokenizer_fingerprint}
-
-
-def different_run_message(run_dir: Path) -> str:
-    return (f"The run directory {run_dir} holds a different run (its configuration differs from this command's). "
-            "msgrun never overwrites one: rerun the original command to resume it, or write this run elsewhere "
-            "with hydra.run.dir=NEW_PATH.")
-
-
-def load_config_of(run_dir: Path) -> str | None:
-    p = Path(run_dir) / "config.json"
-    return p.read_text() if p.exists() else None
 
 
 def restore(trainer, state: dict) -> None:

@@ -1,16 +1,20 @@
 """`msgrun`: compose model x schedule x operator with Hydra, validate, train.
 
-Bad input ends in one paragraph on stderr and exit code 2, before compute is spent, and leaves no
-half-written run directory (HYDRA_FULL_ERROR=1 shows the traceback). In a multirun a failing job
-never stops the others: it is recorded, and the sweep ends with a list of failed jobs
-(msgrun.callbacks.SweepSummary) and a non-zero exit code.
+Bad input ends in one paragraph on stderr and exit code 2, before compute is spent
+(HYDRA_FULL_ERROR=1 shows the traceback). That holds for Hydra's own composition errors too
+(unknown key, unknown group option, wrong type): their first line starts with "msgrun: error:".
+A refused command removes only what it created (msgrun.rundir): never a directory that existed
+before it, and never anything in a directory holding another run, whose records (.hydra/ included)
+stay byte-identical. A run stopped by SIGTERM/SIGUSR1/SIGUSR2/SIGINT writes a checkpoint and exits
+with 128 + the signal number (msgrun.preemption). In a multirun a failing job never stops the
+others: it is recorded, and the sweep ends with a list of failed jobs (msgrun.callbacks.SweepSummary)
+and a non-zero exit code.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -22,13 +26,9 @@ from omegaconf import DictConfig
 
 from msgrun.config import check_config, register_configs
 from msgrun.errors import MsgrunError
-
-HYDRA_FILES = {".hydra"}
-
-
-def hydra_only(run_dir: Path) -> bool:
-    """True when the directory holds nothing but what Hydra wrote for this job."""
-    return run_dir.is_dir() and all(p.name in HYDRA_FILES or p.suffix == ".log" for p in run_dir.iterdir())
+from msgrun.preemption import Interrupted
+from msgrun.rundir import CREATED_ROOT, check_run_dir, config_json, finished_run_message, first_missing, \
+    remove_own_setup, write_hydra_record
 
 
 def run_job(cfg: DictConfig) -> float | None:
@@ -38,32 +38,52 @@ def run_job(cfg: DictConfig) -> float | None:
     multirun = hc.mode == RunMode.MULTIRUN
     choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra")}
     overrides = list(hc.overrides.task)
-    fresh = hydra_only(run_dir)
+    seeds = list(cfg.objective.seeds)
+    job_dirs = [run_dir / f"seed{s}" for s in seeds] or [run_dir]
+    # what existed before this command, and which directories it creates: a refusal removes only
+    # what it created
+    existed = {d: {p.name for p in d.iterdir()} if d.is_dir() else set() for d in job_dirs + [run_dir]}
+    created = {d: first_missing(d) for d in job_dirs if d != run_dir}
+    created[run_dir] = CREATED_ROOT.get(str(run_dir)) if not multirun else None
     try:
         check_config(cfg)
+        jobs = []
+        for seed, d in zip(seeds or [None], job_dirs):
+            job_cfg, job_overrides = cfg, overrides
+            if seed is not None:
+                job_cfg = cfg.copy()
+                job_cfg.train.seed = seed
+                job_overrides = [*overrides, f"train.seed={seed}"]
+            # refused here, before .hydra/ is written, the data prepared or the pre-flight run
+            if check_run_dir(d, config_json(job_cfg)) == "finished":
+                if not (multirun or seeds):
+                    raise MsgrunError(finished_run_message(d))
+                print(f"msgrun: {d} holds this configuration's finished run; not trained again", file=sys.stderr)
+                continue
+            jobs.append((job_cfg, d, job_overrides))
+        write_hydra_record(run_dir, cfg)
         from msgrun.callbacks import objective_value
         from msgrun.train import Trainer  # torch is imported only once the config is known good
 
-        seeds = list(cfg.objective.seeds)
-        if not seeds:
-            Trainer(cfg, run_dir, choices, overrides).run()
-            return objective_value(cfg, [run_dir])
-        dirs = []
-        for seed in seeds:
-            seed_cfg = cfg.copy()
-            seed_cfg.train.seed = seed
-            dirs.append(run_dir / f"seed{seed}")
-            Trainer(seed_cfg, dirs[-1], choices, [*overrides, f"train.seed={seed}"]).run()
-        return objective_value(cfg, dirs)
+        for job_cfg, d, job_overrides in jobs:
+            Trainer(job_cfg, d, choices, job_overrides).run()
+        return objective_value(cfg, job_dirs)
+    except Interrupted as e:
+        print(f"msgrun: {e}", file=sys.stderr, flush=True)
+        e.chain()  # a launcher's own handler (submitit requeues the job from the checkpoint)
+        sys.exit(e.exit_code)
     except MsgrunError as e:
+        if not multirun:  # a sweep keeps its job directories: the summary points at their logs
+            for d in dict.fromkeys([*job_dirs, run_dir]):  # seed directories first, then their parent
+                remove_own_setup(d, existed[d], created[d])
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"msgrun: error: {e}", file=sys.stderr)
-        if multirun:  # keep the job directory: the sweep summary points at its log
-            (run_dir / "error.log").write_text(f"{e}\n")
+        if multirun:
+            if "config.json" not in existed[run_dir]:  # never write into another run's directory
+                write_hydra_record(run_dir, cfg)  # the sweep summary lists the job by its record
+                (run_dir / "error.log").write_text(f"{e}\n")
             return math.inf
-        if fresh and not (run_dir / "metrics.jsonl").exists():
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing of value was written
         sys.exit(2)
     except Exception:
         if not multirun:
@@ -78,8 +98,53 @@ def hydra_entry(cfg: DictConfig) -> float | None:
     return run_job(cfg)
 
 
+def report_composition_errors() -> None:
+    """Make Hydra's composition errors (unknown key, unknown group option, wrong type, override
+    syntax) read like msgrun's: first line "msgrun: error: ...", Hydra's message kept below it,
+    the valid keys listed for an unknown key, exit code 2. Hydra prints and exits with code 1
+    from hydra._internal.utils.run_and_report, which wraps every command; msgrun wraps it once."""
+    import hydra._internal.utils as hydra_utils
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    original = hydra_utils.run_and_report
+    if getattr(original, "msgrun", False):
+        return
+
+    def run_and_report(func):
+        def guarded():
+            try:
+                return func()
+            except (ConfigCompositionException, OverrideParseException) as e:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                print(f"msgrun: error: {composition_message(e)}", file=sys.stderr)
+                sys.exit(2)
+
+        return original(guarded)
+
+    run_and_report.msgrun = True
+    hydra_utils.run_and_report = run_and_report
+
+
+def composition_message(e: Exception) -> str:
+    from msgrun.config import valid_keys_message
+
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    cause = e.__cause__
+    if cause is not None and str(cause).strip():
+        lines += [line for line in str(cause).splitlines() if line.strip() and line.strip() not in lines]
+    # Hydra's hint "To append to your config use +key=value" would add a key nothing reads
+    lines = [line for line in lines if "HYDRA_FULL_ERROR" not in line and not line.startswith("To append to your")]
+    keys = valid_keys_message(getattr(cause, "full_key", None), getattr(cause, "object_type", None))
+    if keys and isinstance(cause, (KeyError, AttributeError)):
+        lines.append(keys)
+    lines.append("(HYDRA_FULL_ERROR=1 shows the traceback.)")
+    return "\n".join(lines)
+
+
 def main() -> None:
     register_configs()
+    report_composition_errors()
     hydra_entry()
 
 

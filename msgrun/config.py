@@ -86,7 +86,8 @@ class TrainConfig:
     eval_every: int = 100
     eval_tokens: int = 65536  # held-out tokens per evaluation (the same tokens every time)
     log_every: int = 10
-    checkpoint_every: int = 0  # 0: only at the end and after growth events
+    checkpoint_every: int = 0  # steps; 0: none by count (checkpoint_minutes, growth events and the end still write)
+    checkpoint_minutes: float = 15.0  # also checkpoint after this many minutes since the last one; 0 disables
     keep_checkpoints: int = 2
     resume: bool = False
     skip_nonfinite: bool = False
@@ -164,7 +165,9 @@ class OperatorConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"  # online | offline | disabled
+    # online | offline | disabled. As in wandb, an explicit value (command line, config file) wins
+    # over the WANDB_MODE environment variable, which wins over the default, offline.
+    mode: str = "${oc.env:WANDB_MODE,offline}"
     project: str = "msgrun"
     entity: Optional[str] = None
     group: Optional[str] = None  # defaults to the multirun sweep directory
@@ -224,34 +227,148 @@ CHOICES = {
 }
 
 
+# Allowed ranges of every numeric key, in interval notation; null stays allowed where the schema
+# allows it. Seeds take any integer. Checked elsewhere, where the rule needs more context:
+# schedule stages and sizes (msgrun.growth.schedule), operator.ramp_steps under MSG
+# (msgrun.growth.operator), data.vocab_size (at least the 256 bytes + special tokens, msgrun.data).
+RANGES = {
+    **{f"model.{k}": "[1, inf)" for k in ("layers", "hidden", "heads", "head_dim", "ffn", "seq_len")},
+    "model.dropout": "[0, 1)",
+    "model.norm_eps": "(0, inf)",
+    "model.init_std": "(0, inf)",
+    "model.rope_base": "(1, inf)",
+    "model.mlm_probability": "(0, 1)",
+    "model.lr": "(0, inf)",
+    "data.max_docs": "[1, inf)",
+    "data.max_bytes": "[1, inf)",
+    "data.val_fraction": "(0, 1)",
+    "data.shuffle_chunk": "[1, inf)",
+    "data.vocab_size": "[1, inf)",
+    "optim.eps": "(0, inf)",
+    "optim.weight_decay": "[0, inf)",
+    "optim.grad_clip": "[0, inf)",
+    "optim.warmup_steps": "[0, inf)",
+    "optim.min_lr_ratio": "[0, 1]",
+    **{f"train.{k}": "[1, inf)" for k in ("max_steps", "max_tokens", "batch_size", "grad_accum", "eval_every",
+                                          "eval_tokens", "log_every", "keep_checkpoints")},
+    "train.max_flops": "(0, inf)",
+    "train.max_minutes": "(0, inf)",
+    "train.lr": "(0, inf)",
+    "train.checkpoint_every": "[0, inf)",
+    "train.checkpoint_minutes": "[0, inf)",
+    "train.threads": "[0, inf)",
+    "schedule.guideline_factor": "[2, inf)",
+    "operator.ramp_steps": "[0, inf)",
+    "operator.symmetry_noise": "[0, inf)",
+    "objective.target": "(0, inf)",
+    "objective.penalty": "[1, inf)",
+}
+# why a value outside its range is impossible, where that is not obvious
+RANGE_NOTES = {
+    "model.heads": " (model.heads=0 would leave no attention at all)",
+    "train.max_minutes": " (or null for no wall-clock budget)",
+    "train.checkpoint_every": " (0: no checkpoints by step count)",
+    "train.checkpoint_minutes": " (0: no checkpoints by wall-clock)",
+    "train.keep_checkpoints": " (the newest checkpoint is always kept)",
+    "objective.penalty": " (a run that never reaches the target must score worse than one that reaches it late)",
+}
+
+
+def in_range(value, spec: str) -> bool:
+    lo, hi = (float(x) for x in spec[1:-1].split(","))
+    above = value >= lo if spec[0] == "[" else value > lo
+    below = value <= hi if spec[-1] == "]" else value < hi
+    return above and below
+
+
+def unknown_keys(node, schema, prefix: str = "") -> list[tuple[str, type]]:
+    """Keys present in the composed config but not in the schema: `+model.layer=3` adds one that
+    nothing reads (Hydra's own hint for a misspelled key), which would train with it ignored."""
+    import dataclasses
+    import typing
+
+    from omegaconf import DictConfig, ListConfig
+
+    out = []
+    if not isinstance(node, DictConfig) or not dataclasses.is_dataclass(schema):
+        return out
+    hints = typing.get_type_hints(schema)
+    for key in node.keys():
+        path = f"{prefix}{key}"
+        if key not in hints:
+            out.append((path, schema))
+            continue
+        child, hint = node._get_node(key), hints[key]
+        if isinstance(child, ListConfig) and typing.get_args(hint):
+            item = typing.get_args(hint)[0]
+            for i, element in enumerate(child):
+                out += unknown_keys(element, item, f"{path}.{i}.")
+        else:
+            out += unknown_keys(child, hint, f"{path}.")
+    return out
+
+
+def valid_keys_message(full_key: str | None, schema) -> str | None:
+    """"Valid keys of <node>: ..." for a misspelled key of a schema node."""
+    import dataclasses
+
+    if not full_key or not dataclasses.is_dataclass(schema):
+        return None
+    parent = full_key.rsplit(".", 1)[0] if "." in full_key else "the top level"
+    return f"Valid keys of {parent}: {', '.join(f.name for f in dataclasses.fields(schema))}."
+
+
 def check_config(cfg) -> None:
     """Rules the schema's types cannot express, checked before anything runs. Schedule and
     operator rules live with them (msgrun.growth), data rules in msgrun.data."""
+    import os
+
     from omegaconf import OmegaConf
 
     from msgrun.errors import ConfigError
 
+    for key, schema in unknown_keys(cfg, Config):
+        raise ConfigError(f"{key} is not a msgrun setting, so nothing would read it (a '+' override adds a key "
+                          f"without checking it). {valid_keys_message(key, schema)} Fix the name and drop the '+'.")
     for key, valid in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in valid:
-            raise ConfigError(f"{key} = {value!r} is not a valid choice; choose one of {', '.join(valid)}.")
+            source = " (from the WANDB_MODE environment variable)" if (
+                key == "logger.wandb.mode" and value == os.environ.get("WANDB_MODE")) else ""
+            raise ConfigError(f"{key} = {value!r}{source} is not a valid choice; choose one of {', '.join(valid)}.")
+    for key, spec in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not in_range(value, spec):
+            raise ConfigError(f"{key} = {value} is out of range: it must lie in {spec}{RANGE_NOTES.get(key, '')}.")
     m = cfg.model
-    for key in ("layers", "hidden", "heads", "head_dim", "ffn", "seq_len"):
-        if getattr(m, key) < 1:
-            raise ConfigError(f"model.{key} = {getattr(m, key)} is impossible: every model size must be at least 1 "
-                              f"(model.heads=0 would leave no attention at all).")
     if m.pos == "rope" and m.head_dim % 2:
         raise ConfigError(f"model.head_dim = {m.head_dim} must be even with model.pos=rope (rotary embeddings rotate "
                           "pairs of channels).")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"model.dropout = {m.dropout} must lie in [0, 1).")
-    if m.family == "bert" and not 0.0 < m.mlm_probability < 1.0:
-        raise ConfigError(f"model.mlm_probability = {m.mlm_probability} must lie in (0, 1).")
-    t = cfg.train
-    for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "log_every", "eval_tokens"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"train.{key} = {getattr(t, key)} must be at least 1.")
+    betas = list(cfg.optim.betas)
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"optim.betas = {betas}: AdamW needs two decay rates (beta1, beta2), each in [0, 1), "
+                          "e.g. optim.betas=[0.9,0.95].")
     if cfg.objective.metric == "flops_to_target" and cfg.objective.target is None:
         raise ConfigError("objective.metric=flops_to_target needs objective.target (the validation loss to reach).")
-    if t.lr <= 0:
-        raise ConfigError(f"train.lr = {t.lr} must be positive.")
+    if cfg.logger.wandb.mode == "online" and not wandb_logged_in():
+        raise ConfigError(
+            "logger.wandb.mode=online needs a W&B API key, and none is set (no WANDB_API_KEY, no key in ~/.netrc). "
+            "Run `wandb login` (or export WANDB_API_KEY=...), or log offline with logger.wandb.mode=offline and "
+            "upload later with `wandb sync <run_dir>/wandb/offline-run-*`, or turn W&B off with logger=none.")
+
+
+def wandb_logged_in() -> bool:
+    """Whether wandb would find an API key: WANDB_API_KEY, or ~/.netrc (or $NETRC) for its host,
+    where `wandb login` stores it."""
+    import netrc
+    import os
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        auth = netrc.netrc(os.environ.get("NETRC")).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(auth and auth[2])

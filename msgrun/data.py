@@ -211,7 +211,15 @@ def _expand_paths(entries: Sequence[str]) -> List[str]:
                 + _ACCEPTED_PATHS.format(cwd=os.getcwd())
             )
         for m in matches:
-            files += _files_below(m) if os.path.isdir(m) else [m]
+            below = _files_below(m) if os.path.isdir(m) else [m]
+            if not below:
+                raise DataError(f"data.paths entry {entry!r}: the directory {m} holds no files (hidden files and "
+                                "directories are skipped). " + _ACCEPTED_PATHS.format(cwd=os.getcwd()))
+            files += below
+    for f in files:
+        if not os.path.exists(f):  # os.walk and glob list a dangling symbolic link like a file
+            raise DataError(f"data.paths: {f} is a symbolic link to {os.readlink(f)!r}, which does not exist. "
+                            "Fix or remove the link, or leave it out of data.paths.")
     return sorted({os.path.abspath(f) for f in files})
 
 
@@ -557,6 +565,11 @@ def prepare_data(cfg, log: Callable[[str], None] = print) -> Corpus:
             f"data.name={cfg.name}: found a single document in {searched}; the train/validation "
             "split is by document, so at least 2 are needed (add files or raise data.max_docs)."
         )
+    garbled = [d.name for d in docs if d.text is not None and ("\x00" in d.text or "\ufffd" in d.text)]
+    if garbled:
+        log(f"warning: {len(garbled)} of {len(docs)} documents are binary or not valid UTF-8 (NUL bytes or "
+            f"undecodable bytes, read as U+FFFD), e.g. {', '.join(garbled[:3])}; the model will train on them as "
+            "they are. Leave such files out of data.paths if they are not text.")
     train_docs = [d for d, v in zip(docs, is_val) if not v]
     val_docs = [d for d, v in zip(docs, is_val) if v]
     data_fp = _fingerprint(cfg.name, docs, is_val)
@@ -615,6 +628,10 @@ def prepare_data(cfg, log: Callable[[str], None] = print) -> Corpus:
             log(f"tokenizer: {vocab}-token BPE (cached at {tok_path}, fingerprint {tok_fp})")
     eot_id, mask_id, pad_id = _special_ids(tok, tok_path)
     vocab_size = _vocab_size(tok)
+    if not cfg.tokenizer_path and vocab_size < int(cfg.vocab_size):
+        log(f"warning: the tokenizer has {vocab_size} tokens, fewer than data.vocab_size={cfg.vocab_size}: the "
+            "corpus is too small (or too repetitive) for BPE to learn that many merges. The model uses "
+            f"{vocab_size}; use a larger corpus or a smaller data.vocab_size to silence this.")
 
     # token ids
     dtype = np.uint16 if vocab_size <= 2**16 else np.uint32

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,12 @@ def write_json_atomic(path: Path, obj) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not Path(path).exists():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 class JsonLines:
@@ -106,7 +113,19 @@ def format_status(r: dict) -> str:
 class Wandb:
     """A wandb run that plots everything against cumulative FLOPs (tokens and wall-clock are
     logged too, as alternative x-axes). Offline by default: no API key needed, `wandb sync`
-    uploads later. `finish` is always called (multirun jobs must never log into each other)."""
+    uploads later. `finish` is always called (multirun jobs must never log into each other).
+
+    One run directory is one wandb run for its whole life: the id is kept in <run_dir>/wandb.json
+    and every segment (a resume after a kill or a preemption) opens it with resume="allow"; offline,
+    each segment is a directory offline-run-<time>-<id> and `wandb sync` of them all uploads one
+    run. History rows carry the training step as wandb's step. A resume rewinds to its checkpoint
+    and recomputes the steps after it bit for bit; wandb.json records the last step a segment
+    handed to wandb before it finished cleanly (a signal, an error, the end), and the next segment
+    does not log those steps again. A segment killed without finishing (SIGKILL) records nothing,
+    and offline its file holds no history at all: the next segment first logs the steps it lacks
+    from metrics.jsonl and growth.jsonl (`backfill`), which hold every step up to the checkpoint
+    exactly; online, wandb ignores a step below the resumed run's current one, so a step that did
+    reach the server is not duplicated either."""
 
     def __init__(self, cfg, run_dir: Path, config: dict, name: str, group: str | None, tags: list[str]):
         self.run = None
@@ -116,26 +135,44 @@ class Wandb:
 
         os.environ.setdefault("WANDB_SILENT", "true")
         self.wandb = wandb
+        self.record = Path(run_dir) / "wandb.json"
+        state = json.loads(self.record.read_text()) if self.record.exists() else {}
+        self.id = state.get("id") or secrets.token_hex(4)  # not `random`: the run's RNG streams stay untouched
+        self.logged_through = state.get("logged_through", -1)
+        self.last_step = self.logged_through
+        write_json_atomic(self.record, {"id": self.id, "logged_through": self.logged_through})
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group or group, tags=tags,
                               name=name, config=config, mode=cfg.mode, dir=str(cfg.dir or run_dir),
-                              reinit="finish_previous")
+                              id=self.id, resume="allow", reinit="finish_previous")
         for axis in ("flops", "tokens", "wall_time"):
             self.run.define_metric(axis)
         self.run.define_metric("*", step_metric="flops")
 
+    def _log(self, step: int, data: dict) -> None:
+        if self.run is not None and step > self.logged_through:
+            self.run.log(data, step=step)
+            self.last_step = step
+
     def log(self, record: dict) -> None:
-        if self.run is not None:
-            self.run.log({k: v for k, v in record.items() if isinstance(v, (int, float))})
+        self._log(record["step"], {k: v for k, v in record.items() if isinstance(v, (int, float))})
 
     def log_growth(self, record: dict) -> None:
-        if self.run is not None:
-            flat = {f"growth/{k}": v for k, v in record.items() if isinstance(v, (int, float))}
-            self.run.log({"flops": record["flops"], "tokens": record["tokens"], **flat})
+        flat = {f"growth/{k}": v for k, v in record.items() if isinstance(v, (int, float))}
+        self._log(record["step"], {"flops": record["flops"], "tokens": record["tokens"], **flat})
+
+    def backfill(self, metrics: Path, growth: Path) -> None:
+        """Log the records of the run's files that this wandb run has not received, in order."""
+        if self.run is None:
+            return
+        rows = [(r["step"], 0, r) for r in read_jsonl(metrics)] + [(r["step"], 1, r) for r in read_jsonl(growth)]
+        for _, is_growth, record in sorted(rows, key=lambda row: row[:2]):
+            self.log_growth(record) if is_growth else self.log(record)
 
     def finish(self, exit_code: int = 0) -> None:
         if self.run is not None:
             self.run.finish(exit_code=exit_code)
             self.run = None
+            write_json_atomic(self.record, {"id": self.id, "logged_through": self.last_step})
 
 
 class Stopwatch:

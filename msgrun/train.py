@@ -35,6 +35,7 @@ from msgrun.model import ModelArgs, Transformer
 from msgrun.optim import LRSchedule, build_adamw, set_lr
 from msgrun.preflight import describe as describe_preflight
 from msgrun.preflight import run_preflight
+from msgrun.preemption import Interrupted, StopSignals
 from msgrun.tracking import Console, JsonLines, Stopwatch, Wandb, write_json_atomic
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, per GPU
@@ -123,6 +124,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup and teardown
     def run(self) -> dict:
+        # from here on a scheduler's signal (or Ctrl-C) stops at a step boundary with a checkpoint
+        with StopSignals() as self.stop:
+            return self._run()
+
+    def _run(self) -> dict:
         cfg = self.cfg
         self.preflight = run_preflight(self)  # before the run directory is touched
         resumed = checkpoint.prepare_run_dir(self, cfg.train.resume)
@@ -132,12 +138,16 @@ class Trainer:
             self.growth_log = JsonLines(self.run_dir / "growth.jsonl")
             self.wandb = Wandb(cfg.logger.wandb, self.run_dir, OmegaConf.to_container(cfg, resolve=True),
                                name=self.run_name(), group=self.sweep_group(), tags=self.tags())
+            self.wandb.backfill(self.run_dir / "metrics.jsonl", self.run_dir / "growth.jsonl")  # after a SIGKILL
             self.console.print(self.describe(resumed))
             self.console.print(describe_preflight(self.preflight))
         status, error = "failed", None
         try:
             self.loop()
             status = "completed"
+        except Interrupted as e:
+            status, error = "interrupted", str(e)
+            raise
         except BaseException as e:  # noqa: BLE001 - the summary must say how the run ended
             error = f"{type(e).__name__}: {e}"
             raise
@@ -193,7 +203,8 @@ class Trainer:
                  f"curves: {d / 'metrics.jsonl'} (loss vs flops, tokens, wall_time), growth events: {d / 'growth.jsonl'}",
                  f"summary: {d / 'summary.json'}; figure and table: msgrun-report {d}"]
         if wandb_dir is not None and self.cfg.logger.wandb.mode == "offline":
-            lines.append(f"wandb (offline): wandb sync {Path(wandb_dir).parent}")
+            # every segment of a resumed run is one offline-run-* directory of the same run id
+            lines.append(f"wandb (offline): wandb sync {Path(wandb_dir).parent.parent}/offline-run-*")
         return "\n".join(lines)
 
     def _wrap(self) -> None:
@@ -230,6 +241,11 @@ class Trainer:
         tc = self.cfg.train
         start = time.monotonic()
         while not self.done(start):
+            signum, due = self.boundary_requests()
+            if signum is not None:
+                raise self.stop.interrupted(signum, self.step, checkpoint.save(self))
+            if due:
+                checkpoint.save(self)
             stage = self.engine.due_stage(self.step, self.tokens, self.flops, self.progress())
             if stage is not None:
                 self.grow(stage)
@@ -241,6 +257,20 @@ class Trainer:
             if tc.checkpoint_every and self.step % tc.checkpoint_every == 0 and not self.done(start):
                 checkpoint.save(self)
         checkpoint.save(self)
+
+    def boundary_requests(self) -> tuple[int | None, bool]:
+        """Between two steps: a stop signal received (its number), and whether the wall-clock
+        checkpoint cadence (train.checkpoint_minutes) is due. Under torchrun every rank must
+        act alike (a checkpoint is a collective), so the ranks agree at logging steps only: one
+        small collective per log window rather than one per step."""
+        minutes = self.cfg.train.checkpoint_minutes
+        due = bool(minutes) and time.monotonic() - checkpoint.last_save_time(self) >= 60 * minutes
+        if not self.dist.enabled:
+            return self.stop.signum, due
+        if self.step % self.cfg.train.log_every:
+            return None, False
+        views = distributed.all_gather((self.stop.signum, due), self.dist)
+        return next((s for s, _ in views if s is not None), None), views[0][1]
 
     def progress(self) -> float:
         return self.budget.progress(self.step, self.tokens, self.flops)

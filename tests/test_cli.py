@@ -43,30 +43,84 @@ def test_full_error_shows_the_traceback(tmp_path, cache_dir):
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
+def tree(d):
+    """Every file below d with its bytes (.hydra/ and checkpoints/ included)."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
 def test_finished_and_different_runs_are_never_overwritten(tmp_path, cache_dir):
     run = tmp_path / "run"
     r = msgrun(tmp_path, cache_dir, "train.max_steps=4", f"hydra.run.dir={run}")
     assert r.returncode == 0, r.stderr
-    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    before = tree(run)
     assert json.loads(before["summary.json"])["status"] == "completed"
+    assert ".hydra/config.yaml" in before and ".hydra/overrides.yaml" in before
 
     again = msgrun(tmp_path, cache_dir, "train.max_steps=4", f"hydra.run.dir={run}")
     assert again.returncode == 2 and "finished run" in again.stderr
+    other = msgrun(tmp_path, cache_dir, "train.max_steps=8", f"hydra.run.dir={run}")
+    assert other.returncode == 2 and "finished run" in other.stderr
+    assert tree(run) == before
 
     (run / "summary.json").unlink()  # an interrupted run with a different config
+    before.pop("summary.json")
     other = msgrun(tmp_path, cache_dir, "train.max_steps=4", "train.lr=1e-2", f"hydra.run.dir={run}")
     assert other.returncode == 2 and "different run" in other.stderr
-    after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
-    before.pop("summary.json")
-    assert after == before
+    # refused before Hydra's records were written (.hydra/ byte-identical) and before any data
+    # preparation or pre-flight (neither printed a line)
+    assert tree(run) == before
+    assert "data:" not in other.stdout and "pre-flight" not in other.stdout
+
+
+def test_refusal_never_removes_a_directory_it_did_not_create(tmp_path, cache_dir):
+    """`mkdir d && msgrun model.heads=0 hydra.run.dir=d > d/train.log 2>&1` used to delete d
+    and the log that held the error; so did hydra.run.dir=. with the current directory."""
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "train.log").write_text("the user's own log\n")
+    r = msgrun(tmp_path, cache_dir, "model.heads=0", f"hydra.run.dir={d}")
+    assert r.returncode == 2 and "model.heads" in r.stderr
+    assert tree(d) == {"train.log": b"the user's own log\n"}  # kept, and nothing of msgrun's left in it
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.log").write_text("x")
+    r = msgrun(work, cache_dir, "model.heads=0", "hydra.run.dir=.")
+    assert r.returncode == 2
+    assert tree(work) == {"notes.log": b"x"}
+
+    # a refusal after .hydra/ was written (the data is missing): .hydra/ goes, the directory stays
+    r = msgrun(tmp_path, cache_dir, "data=files", "data.paths=[/no/such/dir]", f"hydra.run.dir={d}")
+    assert r.returncode == 2 and "data.paths" in r.stderr
+    assert tree(d) == {"train.log": b"the user's own log\n"}
+
+
+def test_refusal_removes_the_directories_it_created(tmp_path, cache_dir):
+    r = msgrun(tmp_path, cache_dir, "data=files", "data.paths=[/no/such/dir]", f"hydra.run.dir={tmp_path}/a/b/run")
+    assert r.returncode == 2 and "data.paths" in r.stderr
+    assert not (tmp_path / "a").exists()
 
 
 def bad_inputs(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("")
+    (tmp_path / "nothing").mkdir()
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "a.txt").write_text("some text\n" * 50)
+    (tmp_path / "linked" / "b.txt").symlink_to(tmp_path / "moved_away.txt")
     (tmp_path / "broken.json").write_text('{"not": "a tokenizer"}')
     (tmp_path / "a_file").write_text("x")
     return {
+        "empty directory": (["data=files", f"data.paths=[{tmp_path}/nothing]"], ["data.paths", "holds no files"]),
+        "dangling symlink": (["data=files", f"data.paths=[{tmp_path}/linked]"],
+                             ["b.txt", "symbolic link", "moved_away.txt", "does not exist"]),
+        "one beta": (["optim.betas=[0.9]"], ["optim.betas", "two decay rates"]),
+        "wandb online without a key": (["logger=wandb", "logger.wandb.mode=online"],
+                                       ["API key", "wandb login", "logger.wandb.mode=offline"]),
+        "negative time budget": (["train.max_minutes=-1"], ["train.max_minutes", "(0, inf)"]),
+        "negative checkpoint interval": (["train.checkpoint_every=-1"], ["train.checkpoint_every", "[0, inf)"]),
+        "key added with +": (["+model.layer=3"], ["model.layer", "Valid keys of model", "layers"]),
+        "unknown key": (["train.max_stepz=3"], ["max_stepz", "Valid keys of train", "max_steps"]),
         "unknown group option": (["model=gpt_huge"], ["gpt_huge", "gpt_tiny"]),
         "wrong type": (["train.max_steps=many"], ["max_steps", "many"]),
         "impossible shape": (["model.hidden=0"], ["model.hidden"]),
@@ -84,15 +138,34 @@ def bad_inputs(tmp_path):
 
 @pytest.mark.parametrize("case", ["unknown group option", "wrong type", "impossible shape", "shrinking stage",
                                   "stage overlapping a ramp", "unsupported dimension", "stage after the end",
-                                  "empty corpus", "broken tokenizer", "unwritable output directory"])
+                                  "empty corpus", "broken tokenizer", "unwritable output directory",
+                                  "empty directory", "dangling symlink", "one beta", "wandb online without a key",
+                                  "negative time budget", "negative checkpoint interval", "key added with +",
+                                  "unknown key"])
 def test_bad_input_catalogue(tmp_path, cache_dir, case):
-    """Each bad input: non-zero exit, one paragraph naming the key, no traceback, no run directory."""
+    """Each bad input: exit code 2, a paragraph that starts "msgrun: error:" and names the key, no
+    traceback, no run directory. (Hydra's composition errors used to exit 1 with Hydra's wording.)"""
     args, words = bad_inputs(tmp_path)[case]
     if not any(a.startswith("hydra.run.dir") for a in args):
         args = [*args, f"hydra.run.dir={tmp_path}/run"]
-    r = msgrun(tmp_path, cache_dir, "train.max_steps=100", *args)
-    assert r.returncode != 0
+    no_key = {"WANDB_API_KEY": "", "NETRC": str(tmp_path / "no_netrc")}  # nobody is logged in to wandb
+    r = msgrun(tmp_path, cache_dir, "train.max_steps=100", *args, env=no_key)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("msgrun: error: "), r.stderr
     assert "Traceback" not in r.stderr, r.stderr
     for w in words:
         assert w in r.stderr, (w, r.stderr)
     assert not (tmp_path / "run").exists()
+
+
+def test_binary_corpus_and_small_tokenizer_are_warned_about(tmp_path, cache_dir):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"{i}.txt").write_text(f"def f{i}(x):\n    return x + {i}\n" * 40)
+    (corpus / "blob.bin").write_bytes(bytes(range(256)) * 8)  # NUL bytes, invalid UTF-8
+    r = msgrun(tmp_path, cache_dir, "data=files", f"data.paths=[{corpus}]", "data.vocab_size=4096",
+               "train.max_steps=2", "train.log_every=1", "train.eval_every=2", f"hydra.run.dir={tmp_path}/run")
+    assert r.returncode == 0, r.stderr
+    assert "binary or not valid UTF-8" in r.stdout and "blob.bin" in r.stdout
+    assert "fewer than data.vocab_size=4096" in r.stdout

@@ -42,19 +42,25 @@ def run_to_end(run_dir, overrides, cache_dir):
     return r
 
 
-def kill_when_logged(run_dir, overrides, cache_dir, step):
-    """Start the run and SIGKILL it as soon as metrics.jsonl shows `step` (it may be a step further)."""
-    proc = subprocess.Popen(command(run_dir, overrides), env=env(cache_dir), stdout=subprocess.DEVNULL,
+def signal_when_logged(run_dir, overrides, cache_dir, step, sig):
+    """Start the run and send `sig` as soon as metrics.jsonl shows `step` (it may be a step
+    further); returns the exit code and the output."""
+    proc = subprocess.Popen(command(run_dir, overrides), env=env(cache_dir), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     metrics = Path(run_dir) / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and any(json.loads(l)["step"] >= step for l in metrics.read_text().splitlines() if l.strip()):
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(sig)
             break
         time.sleep(0.02)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before step {step}: {proc.stderr.read()[-2000:]}"
+    out, err = proc.communicate(timeout=240)
+    return proc.returncode, out, err
+
+
+def kill_when_logged(run_dir, overrides, cache_dir, step):
+    rc, _, err = signal_when_logged(run_dir, overrides, cache_dir, step, signal.SIGKILL)
+    assert rc == -signal.SIGKILL, f"the run ended before step {step}: {err[-2000:]}"
 
 
 def exact(records):
@@ -90,14 +96,23 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, cache_dir, refere
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
 
 
-def test_corrupt_checkpoint_is_skipped_for_the_previous_one(tmp_path, cache_dir, reference):
+def truncate(path):  # a crash in the middle of a write: the sidecar no longer matches
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def replace_keeping_the_sidecar(path):  # matches its sidecar, yet is no torch file
+    path.write_bytes(b"not a torch file, but its checksum matches")
+    path.with_name(path.name + ".sha256").write_text(checkpoint.sha256(path))
+
+
+@pytest.mark.parametrize("damage,warning", [(truncate, "corrupt"), (replace_keeping_the_sidecar, "does not load")])
+def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(tmp_path, cache_dir, reference, damage, warning):
     kill_when_logged(tmp_path, MSG_RUN, cache_dir, 13)
     ckpts = [p for p in checkpoint.list_checkpoints(tmp_path) if checkpoint.is_valid(p)]
     assert len(ckpts) >= 2
-    newest = ckpts[-1]
-    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated by a crash
+    damage(ckpts[-1])
     r = run_to_end(tmp_path, MSG_RUN, cache_dir)
-    assert "corrupt" in r.stdout and f"resuming from {ckpts[-2]}" in r.stdout
+    assert warning in r.stdout and f"resuming from {ckpts[-2]}" in r.stdout
     assert exact(read_jsonl(tmp_path / "metrics.jsonl")) == exact(reference["msg"][0])
 
 
@@ -106,3 +121,56 @@ def test_checkpoints_load_without_executing_code(tmp_path, cache_dir):
     path = checkpoint.newest_valid(tmp_path)
     state = torch.load(path, weights_only=True)  # raises if the file needs pickled code
     assert {"model", "optimizer", "rng", "engine", "counters"} <= state.keys()
+
+
+def stop_when_logged(run_dir, overrides, cache_dir, step, sig):
+    """The run must stop by itself on `sig`, with a checkpoint, and exit 128 + sig."""
+    rc, out, err = signal_when_logged(run_dir, overrides, cache_dir, step, sig)
+    assert rc == 128 + sig, (rc, err[-3000:])
+    assert f"interrupted by {signal.Signals(sig).name}" in err and "Traceback" not in err, err[-3000:]
+    return out, err
+
+
+# no checkpoints by step count: every checkpoint after growth comes from the signal
+SIGNALLED_MSG_RUN = [o for o in MSG_RUN if not o.startswith(("train.checkpoint_every", "train.keep_checkpoints"))]
+
+
+def test_signals_stop_with_a_checkpoint_and_the_rerun_equals_an_uninterrupted_run(tmp_path, cache_dir, reference):
+    """SIGTERM inside the first MSG ramp (steps 8-14), SIGUSR1 inside the second (20-26): each
+    run finishes its step, writes a checkpoint at the last logged step (no work lost), says
+    "interrupted" in summary.json, and the final rerun's metrics equal an uninterrupted run's."""
+    for step, sig in ((11, signal.SIGTERM), (22, signal.SIGUSR1)):
+        stop_when_logged(tmp_path, SIGNALLED_MSG_RUN, cache_dir, step, sig)
+        summary = json.loads((tmp_path / "summary.json").read_text())
+        assert summary["status"] == "interrupted" and signal.Signals(sig).name in summary["error"]
+        last_logged = read_jsonl(tmp_path / "metrics.jsonl")[-1]["step"]
+        newest = checkpoint.newest_valid(tmp_path, warn=lambda *_: None)
+        assert newest is not None and newest.name == f"step_{last_logged:09d}.pt"
+        assert last_logged >= step
+    r = run_to_end(tmp_path, SIGNALLED_MSG_RUN, cache_dir)
+    assert "resuming from" in r.stdout
+    assert exact(read_jsonl(tmp_path / "metrics.jsonl")) == exact(reference["msg"][0])
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
+
+
+def test_a_failed_checkpoint_write_is_one_paragraph_and_keeps_the_previous_ones(tmp_path, cache_dir):
+    """A file-size limit (as `ulimit -f` sets) below the grown model's checkpoint: the write after
+    the second growth event fails. One paragraph, exit 2, no temporary file, the earlier
+    checkpoints kept and loadable."""
+    import resource
+
+    limit = 6 * 2**20  # above the checkpoints of the first two shapes, below the final shape's
+
+    def set_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    r = subprocess.run(command(tmp_path, MSG_RUN), env=env(cache_dir), capture_output=True, text=True, timeout=300,
+                       preexec_fn=set_limit)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Could not write checkpoint" in r.stderr and "Traceback" not in r.stderr
+    assert "previous checkpoints are kept" in r.stderr
+    assert not list((tmp_path / "checkpoints").glob(".*tmp"))
+    kept = [p for p in checkpoint.list_checkpoints(tmp_path) if checkpoint.is_valid(p)]
+    assert len(kept) >= 2 and all(p.stat().st_size < limit for p in kept)
+    assert checkpoint.newest_loadable(tmp_path, warn=lambda *_: None)[0] == kept[-1]
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"

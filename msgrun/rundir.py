@@ -1,0 +1,143 @@
+"""What a run directory holds, and what this command may write into it or remove from it.
+
+Light on purpose (no torch): the CLI decides here whether a run directory can be used *before*
+Hydra's records (.hydra/), the data preparation and the pre-flight, so a refused command costs
+nothing and changes nothing. Two rules:
+
+* A directory holding a finished run, or an unfinished run of another configuration, is refused.
+  (The same configuration resumes: msgrun.checkpoint.)
+* A refused command removes only what it created itself: the files it wrote and the directories
+  Hydra made for it, never a directory that existed before the command, whatever it holds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from msgrun.errors import CheckpointError
+
+# keys that may differ between the interrupted and the resuming command
+RESUME_FREE_KEYS = ("train.resume", "train.max_minutes", "train.threads", "train.preflight", "train.checkpoint_minutes",
+                    "logger")
+# what msgrun itself writes into a run directory before the first training step
+OWN_SETUP_FILES = (".hydra", "config.json")
+
+# RUN mode: run directory -> the outermost directory this command created for it (None: the run
+# directory existed already). Filled by msgrun.callbacks.OutputDirCheck before Hydra creates it.
+CREATED_ROOT: dict[str, Path | None] = {}
+
+
+def comparable_config(cfg) -> dict:
+    c = OmegaConf.to_container(cfg, resolve=True)
+    for key in RESUME_FREE_KEYS:
+        parts = key.split(".")
+        node = c
+        for p in parts[:-1]:
+            node = node.get(p, {})
+        node.pop(parts[-1], None)
+    return c
+
+
+def config_json(cfg) -> str:
+    """The configuration that identifies a run (config.json, and every checkpoint's copy)."""
+    return json.dumps(comparable_config(cfg), sort_keys=True)
+
+
+def first_missing(path: Path) -> Path | None:
+    """The outermost directory that creating `path` would create (None: it exists)."""
+    path = Path(path).absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
+def holds_run(run_dir: Path) -> bool:
+    return (run_dir / "metrics.jsonl").exists() or any((run_dir / "checkpoints").glob("step_*.pt"))
+
+
+def is_finished(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("status") == "completed"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_run_dir(run_dir: Path, this_config: str) -> str:
+    """Whether this command may train in `run_dir`: "new" (nothing of a run there), "resume" (an
+    unfinished run of this configuration) or "finished" (this configuration, already finished: a
+    sweep rerun skips it). Raises CheckpointError for a run of another configuration, finished or
+    not."""
+    run_dir = Path(run_dir)
+    stored = (run_dir / "config.json").read_text() if (run_dir / "config.json").is_file() else None
+    finished = is_finished(run_dir)
+    if finished and stored != this_config:
+        raise CheckpointError(finished_run_message(run_dir))
+    if finished:
+        return "finished"
+    if not holds_run(run_dir):
+        return "new"
+    if stored is not None and stored != this_config:
+        raise CheckpointError(different_run_message(run_dir))
+    return "resume"
+
+
+def finished_run_message(run_dir: Path) -> str:
+    return (f"The run directory {run_dir} holds a finished run (summary.json says completed); msgrun never "
+            "overwrites one. To train again, write elsewhere with hydra.run.dir=NEW_PATH; to train longer, "
+            "start a new run from scratch with a larger budget.")
+
+
+def different_run_message(run_dir: Path) -> str:
+    return (f"The run directory {run_dir} holds a different run (its configuration differs from this command's). "
+            "msgrun never overwrites one: rerun the original command to resume it, or write this run elsewhere "
+            "with hydra.run.dir=NEW_PATH.")
+
+
+def write_hydra_record(run_dir: Path, task_cfg) -> None:
+    """Write Hydra's record of the job (.hydra/config.yaml, hydra.yaml, overrides.yaml) unless the
+    directory has one: a resume keeps the original command's record. (conf/config.yaml sets
+    hydra.output_subdir=null so Hydra does not write it before msgrun has checked the directory.)"""
+    from hydra.core.hydra_config import HydraConfig
+
+    record = Path(run_dir) / ".hydra"
+    if record.exists():
+        return
+    hydra_cfg = HydraConfig.instance().cfg
+    record.mkdir(parents=True)
+    OmegaConf.save(task_cfg, record / "config.yaml")
+    OmegaConf.save(hydra_cfg, record / "hydra.yaml")
+    OmegaConf.save(hydra_cfg.hydra.overrides.task, record / "overrides.yaml")
+
+
+def remove_own_setup(run_dir: Path, existed_before: set[str], created_root: Path | None) -> None:
+    """After a refusal before the first step: remove the setup files this command wrote, then the
+    directories Hydra created for it (run directory and new parents), each only if empty. Nothing
+    that existed before the command is touched."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    if (run_dir / "metrics.jsonl").exists() and "metrics.jsonl" not in existed_before:
+        return  # training started: what it wrote is the run's record
+    for name in OWN_SETUP_FILES:
+        if name not in existed_before:
+            path = run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+    if created_root is None:
+        return
+    d = run_dir.absolute()
+    while True:
+        try:
+            d.rmdir()  # only if empty
+        except OSError:
+            return
+        if d == created_root or created_root not in d.parents:
+            return
+        d = d.parent
