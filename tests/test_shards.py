@@ -264,6 +264,8 @@ def test_bad_shards_are_named_with_their_key(tmp_path):
     assert opens("big.bin", vocab_size=201).vocab_size == 201
     with pytest.raises(DataError, match=r"data.train='.*nothing_\*.bin' matches no file"):
         opens("nothing_*.bin")
+    with pytest.raises(DataError, match="data.train and data.val share files"):
+        opens("val.bin")
     with pytest.raises(DataError, match="needs data.val"):
         open_shards(shards_cfg(tmp_path, train=str(tmp_path / "big.bin")), log=quiet)
     # a truncated msgrun shard, and one read with a tokenizer it was not written with

@@ -197,6 +197,10 @@ def open_shards(cfg, log: Callable[[str], None] = print) -> Corpus:
         splits[split] = [read_shard(p, key, raw) for p in _expand_shards(key, getattr(cfg, split, None))]
         _check_finished(key, splits[split])
     every = splits["train"] + splits["val"]
+    shared = {os.path.realpath(s.path) for s in splits["train"]} & {os.path.realpath(s.path) for s in splits["val"]}
+    if shared:
+        raise DataError(f"data.train and data.val share files ({', '.join(sorted(shared)[:3])}): validation "
+                        "tokens must be held out. Give data.val a glob of other files.")
 
     recorded = sorted({s.tokenizer_fingerprint for s in every if s.tokenizer_fingerprint})
     if len(recorded) > 1:

@@ -43,11 +43,10 @@ _IDENTITY_KEYS = ("name", "paths", "hf_path", "hf_name", "hf_split", "hf_text_fi
 def _identity(cfg, shard_tokens: int) -> dict:
     out = {"format": FORMAT, "shard_tokens": int(shard_tokens)}
     for k in _IDENTITY_KEYS:
-        v = getattr(cfg, k, None)
-        out[f"data.{k}"] = list(v) if isinstance(v, (list, tuple)) or hasattr(v, "_iter_ex") else v
+        out[f"data.{k}"] = getattr(cfg, k, None)
     if cfg.tokenizer_path:
         out["data.vocab_size"] = None  # the given tokenizer decides it
-    return json.loads(json.dumps(out, default=list))  # plain JSON types, as read back from disk
+    return json.loads(json.dumps(out, default=list))  # plain JSON types (lists from ListConfig), as read back
 
 
 def _read_json(path: str) -> Optional[dict]:

@@ -220,20 +220,24 @@ class Tokens:
     """A split's tokens: the concatenation of its shards (memory maps, or arrays in tests),
     addressed by token index. Reading copies only what is asked for."""
 
-    def __init__(self, parts: Sequence[np.ndarray], doc_starts: Optional[np.ndarray] = None):
+    def __init__(self, parts: Sequence[np.ndarray], shards: Sequence[Shard] = ()):
         self.parts = [np.asarray(p).reshape(-1) if not isinstance(p, np.memmap) else p for p in parts]
         self.bounds = np.concatenate([[0], np.cumsum([len(p) for p in self.parts], dtype=np.int64)])
         self.dtype = np.result_type(*[p.dtype for p in self.parts]) if self.parts else np.dtype(np.uint16)
-        self.doc_starts = doc_starts  # int64 start of each document, when the shards record them
+        self.shards = list(shards)
 
     @classmethod
     def open(cls, shards: Sequence[Shard]) -> "Tokens":
-        starts = [s.doc_starts() for s in shards]
-        doc_starts = None
-        if shards and all(d is not None for d in starts):
-            base = np.concatenate([[0], np.cumsum([s.tokens for s in shards], dtype=np.int64)])
-            doc_starts = np.concatenate([np.asarray(d, dtype=np.int64) + b for d, b in zip(starts, base)])
-        return cls([s.memmap() for s in shards], doc_starts)
+        return cls([s.memmap() for s in shards], shards)
+
+    @property
+    def doc_starts(self) -> Optional[np.ndarray]:
+        """int64 start of each document, where every shard records them (built on request: it
+        grows with the corpus, so nothing in training holds it)."""
+        starts = [s.doc_starts() for s in self.shards]
+        if not starts or any(d is None for d in starts):
+            return None
+        return np.concatenate([np.asarray(d, dtype=np.int64) + b for d, b in zip(starts, self.bounds[:-1])])
 
     def __len__(self) -> int:
         return int(self.bounds[-1])
