@@ -293,6 +293,9 @@ def test_tokenizer_and_bert_errors(tmp_path):
     assert fixed_eval_batches(full, 16, 4, 256, family="bert")[0]["target_bytes"] > 0
     with pytest.raises(DataError, match="msgrun-prepare turns a text source"):
         prepare_shards(shards_cfg(tmp_path, **kw), str(tmp_path / "x"), log=quiet)
+    with pytest.raises(DataError, match="needs data.hf_path"):
+        prepare_shards(DataConfig(name="hf"), str(tmp_path / "h"), log=quiet)
+    assert not (tmp_path / "h").exists()  # bad input leaves no directory behind
 
 
 def test_resuming_on_changed_shards_is_refused(tmp_path, make_cfg):

@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import time
 from typing import Callable, Optional
 
@@ -105,7 +106,17 @@ def prepare_shards(cfg, out_dir: Optional[str], shard_tokens: int = 100_000_000,
     check_val_fraction(cfg.val_fraction)
     out = os.path.abspath(os.path.expanduser(str(out_dir)))
     identity = _identity(cfg, shard_tokens)
+    created = not os.path.exists(out)
     os.makedirs(out, exist_ok=True)
+    try:
+        return _prepare_locked(cfg, out, identity, shard_tokens, batch_bytes, log, progress)
+    except DataError:
+        if created:  # bad input leaves nothing behind (this invocation made the directory)
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _prepare_locked(cfg, out, identity, shard_tokens, batch_bytes, log, progress) -> dict:
     with _exclusive(out):
         manifest_path, progress_path = os.path.join(out, "manifest.json"), os.path.join(out, "progress.json")
         manifest = _read_json(manifest_path)

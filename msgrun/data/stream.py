@@ -4,9 +4,9 @@
     x, y = stream.batch(offset, batch_size, seq_len)      # offset advances by batch_size*seq_len
 
 The stream is addressed by *token offset*, not by step: two runs with different batch sizes or
-sequence lengths read the same tokens in the same order (docs/architecture.md, the fair-comparison
-rules). Nothing here grows with the corpus: an epoch's order is a keyed permutation computed per
-chunk index, and a read copies only the tokens asked for from the memory-mapped shards.
+sequence lengths read the same tokens in the same order (DESIGN.md section 4). Nothing here grows
+with the corpus: an epoch's order is a keyed permutation computed per chunk index, and a read
+copies only the tokens asked for from the memory-mapped shards.
 """
 
 from __future__ import annotations
