@@ -7,8 +7,8 @@ per step, and msgrun-prepare's throughput.
 It writes a synthetic corpus of llm.c-format shards (uint16 ids below 4,096) into a temporary directory (after checking the free space), and deletes it at the end. Figures:
 
 1. peak RSS of a short training run (`msgrun data=shards`, one fresh process each) on the full
-   corpus (its first start scans every id; the second reads the cached scan) and on a corpus 1/8
-   its size (the first shards, linked): memory must not grow with the corpus;
+   corpus (its first start scans every id; the second reads the cached scan) and on its first
+   shards (about 1/8 of it, whole files, linked): memory must not grow with the corpus;
 2. the time to read one step's batch from the memory-mapped shards, against the step itself,
    measured interleaved in one process (what a step waits for on the CPU, where batches are not
    read ahead);
@@ -131,7 +131,7 @@ def main() -> None:
             write_llmc(big / f"train_{k:06d}.bin", min(SHARD_TOKENS, args.tokens - k * SHARD_TOKENS), seed=k)
         write_llmc(root / "val_000000.bin", 1_000_000, seed=10_000)
         small_tokens = 0
-        for k in range(n_shards):  # the first 1/8 of the files (at least one), linked, not copied
+        for k in range(n_shards):  # the first shards up to 1/8 of the tokens (whole files), linked, not copied
             if small_tokens and small_tokens >= args.tokens // 8:
                 break
             os.symlink(big / f"train_{k:06d}.bin", small / f"train_{k:06d}.bin")
@@ -143,7 +143,7 @@ def main() -> None:
         rss = {}
         for name, d, n, attempt in (("full corpus", big, args.tokens, "first start (scans ids)"),
                                     ("full corpus", big, args.tokens, "second start"),
-                                    ("1/8 corpus", small, small_tokens, "second start")):
+                                    ("first shards", small, small_tokens, "second start")):
             run_dir = root / f"run-{len(rss)}"
             mb, secs, out = run_measured(train_cmd(str(d / "train_*.bin"), val, run_dir, cache, args.steps,
                                                    args.model), env)
@@ -152,8 +152,9 @@ def main() -> None:
             print(f"   {name:12s} {n:>14,} tokens  {attempt:24s} peak RSS {mb:7.0f} MB  wall {secs:6.1f} s")
             print(f"      {opened}")
             shutil.rmtree(run_dir)
-        growth = rss[("full corpus", "second start")] - rss[("1/8 corpus", "second start")]
-        print(f"   RSS difference full - 1/8: {growth:+.0f} MB for {args.tokens - small_tokens:,} more tokens")
+        growth = rss[("full corpus", "second start")] - rss[("first shards", "second start")]
+        print(f"   RSS difference, full corpus - first shards: {growth:+.0f} MB for {args.tokens - small_tokens:,} "
+              "more tokens")
 
         print(f"\n2. reading a step's batch vs the step ({args.model}, median of {args.steps}, interleaved)")
         load, step = load_vs_step(str(big / "train_*.bin"), val, cache, args.steps, args.model)

@@ -27,7 +27,7 @@ class PrepareConfig:
     data: DataConfig = field(default_factory=DataConfig)
     out_dir: Optional[str] = None  # where the shards, tokenizer.json and manifest.json go
     shard_tokens: int = 100_000_000  # tokens per shard (a shard ends at the first document boundary past it)
-    batch_bytes: int = 8_000_000  # text per tokenizer batch: what the tokenizers library spreads over all cores
+    batch_bytes: int = 1_000_000  # text per tokenizer batch: what the tokenizers library spreads over all cores
     progress: str = "auto"  # auto (a rich progress bar on a terminal) | rich | plain
 
 

@@ -2,7 +2,7 @@
 
     prepare_shards(cfg.data, out_dir, shard_tokens=100_000_000)     # what msgrun-prepare runs
 
-Documents are streamed from the source, split by name, encoded a few MB at a time (the
+Documents are streamed from the source, split by name, encoded about 1 MB at a time (the
 tokenizers library spreads each batch over all cores) and appended to the open shard of their
 split, so memory stays bounded by one batch whatever the corpus size. Shards end at document
 boundaries, are written under a temporary name and renamed when complete.
@@ -31,7 +31,7 @@ from msgrun.data.shards import SplitWriter
 from msgrun.data.sources import (
     SOURCES, Fingerprint, check_val_fraction, is_val_document, iter_documents, no_documents_message,
 )
-from msgrun.data.tokenizer import EOT, _vocab_size, encode_stream, get_tokenizer, token_dtype
+from msgrun.data.tokenizer import BATCH_BYTES, EOT, _vocab_size, encode_stream, get_tokenizer, token_dtype
 
 FORMAT = "msgrun-shards-1"
 SPLITS = ("train", "val")
@@ -91,7 +91,7 @@ def _progress(enabled: bool):
                     TextColumn("{task.fields[rate]:>14}"), TimeElapsedColumn(), disable=not enabled)
 
 
-def prepare_shards(cfg, out_dir: Optional[str], shard_tokens: int = 100_000_000, batch_bytes: int = 8_000_000,
+def prepare_shards(cfg, out_dir: Optional[str], shard_tokens: int = 100_000_000, batch_bytes: int = BATCH_BYTES,
                    log: Callable[[str], None] = print, progress: bool = False) -> dict:
     """Write the shards of the text source cfg (a DataConfig) into out_dir; returns the manifest.
     Bad input raises DataError before anything is written."""

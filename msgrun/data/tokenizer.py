@@ -13,6 +13,9 @@ from msgrun.data.common import DataError, _atomic_write, _hash, _mb
 
 EOT, MASK, PAD = "<|endoftext|>", "[MASK]", "[PAD]"
 SPECIAL_TOKENS = (EOT, MASK, PAD)  # ids 0, 1, 2 in a tokenizer trained here
+# text per encode_batch call: enough documents to keep every core busy, while the Encoding objects
+# (about 100 bytes per token) and Python id lists stay near 100 MB
+BATCH_BYTES = 1_000_000
 
 
 def _byte_alphabet() -> dict:
@@ -112,7 +115,7 @@ def token_dtype(vocab_size: int):
 
 def encode_texts(tok, texts: List[str], eot_id: Optional[int], dtype) -> List[np.ndarray]:
     """Each text's ids followed by eot (if the tokenizer has one), one array per text. The
-    tokenizers library encodes a batch on all cores; callers pass a few MB of text at a time,
+    tokenizers library encodes a batch on all cores; callers pass about 1 MB of text at a time,
     since Encoding objects and Python int lists cost far more memory than the arrays."""
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # fast: no offsets computed
     out = []
@@ -124,8 +127,8 @@ def encode_texts(tok, texts: List[str], eot_id: Optional[int], dtype) -> List[np
     return out
 
 
-def encode_stream(items: Iterable, tok, eot_id: Optional[int], dtype, batch_bytes: int = 8_000_000):
-    """(tag, text) pairs -> (tag, ids) pairs in the same order, encoded a few MB of text at a
+def encode_stream(items: Iterable, tok, eot_id: Optional[int], dtype, batch_bytes: int = BATCH_BYTES):
+    """(tag, text) pairs -> (tag, ids) pairs in the same order, encoded about 1 MB of text at a
     time (a batch is what the tokenizers library spreads over all cores)."""
     tags, texts, nbytes = [], [], 0
     for tag, text in items:
