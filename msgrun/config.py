@@ -40,7 +40,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "pystdlib"  # pystdlib | pysite | files | hf
+    name: str = "pystdlib"  # pystdlib | pysite | files | hf | shards
     paths: List[str] = field(default_factory=list)  # files: paths or glob patterns
     hf_path: Optional[str] = None  # hf: datasets.load_dataset path (name, or a local builder like "json")
     hf_name: Optional[str] = None  # hf: dataset config name
@@ -53,8 +53,11 @@ class DataConfig:
     val_fraction: float = 0.05  # held-out fraction, split by document (file)
     shuffle_chunk: Optional[int] = None  # tokens per shuffled unit of the training stream; null: model.seq_len
     split_seed: int = 0
-    vocab_size: int = 4096  # BPE vocabulary when training a tokenizer
+    vocab_size: int = 4096  # BPE vocabulary when training a tokenizer; shards: ids are below it (without a tokenizer)
     tokenizer_path: Optional[str] = None  # an existing tokenizer.json instead of training one
+    train: Optional[str] = None  # shards: glob of the training shard files
+    val: Optional[str] = None  # shards: glob of the validation shard files
+    raw_dtype: Optional[str] = None  # shards: uint16 | uint32 for headerless files (nanoGPT's train.bin)
     cache_dir: str = "${oc.env:MSGRUN_CACHE,${oc.env:HOME,/tmp}/.cache/msgrun}"
 
 
@@ -216,7 +219,7 @@ CHOICES = {
     "model.norm": ("layernorm", "rmsnorm"),
     "model.mlp": ("gelu", "swiglu"),
     "model.pos": ("learned", "rope"),
-    "data.name": ("pystdlib", "pysite", "files", "hf"),
+    "data.name": ("pystdlib", "pysite", "files", "hf", "shards"),
     "optim.decay": ("cosine", "linear", "constant"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "fp32", "bf16"),

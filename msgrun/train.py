@@ -107,6 +107,7 @@ class Trainer:
         self.stream = data.TokenStream(self.corpus.train, cfg.data.shuffle_chunk or cfg.model.seq_len,
                                        seed=distributed.seed_for(tc.seed, "data"))
         self.mask_seed = distributed.seed_for(tc.seed, "mlm")
+        self.loader = data.BatchLoader(self.host_batch, self.device)  # reads ahead on a GPU (msgrun/data/loader.py)
         self.eval_batches = data.fixed_eval_batches(self.corpus, cfg.model.seq_len, min(tc.batch_size, 16),
                                                     tc.eval_tokens, cfg.model.family, seed=0,
                                                     mlm_probability=cfg.model.mlm_probability)
@@ -297,7 +298,7 @@ class Trainer:
             loss_sum = torch.zeros((), device=self.device)
             for micro in range(tc.grad_accum):
                 offset = self.tokens + (dist.rank * rows_per_rank + micro * micro_rows) * T
-                batch = self.make_batch(offset, micro_rows, T)
+                batch = self.make_batch(offset, micro_rows, T, ahead=rows * T)
                 with distributed.maybe_no_sync(self.train_model, dist, last=micro == tc.grad_accum - 1):
                     with self.autocast:
                         _, loss = self.train_model(batch["inputs"], batch["targets"], batch.get("positions"), layers,
@@ -330,7 +331,11 @@ class Trainer:
         w["seconds"] += time.perf_counter() - t0
         self.lr = lr
 
-    def make_batch(self, offset: int, rows: int, T: int) -> dict:
+    def make_batch(self, offset: int, rows: int, T: int, ahead: int = 0) -> dict:
+        """The batch at `offset` on the device; `ahead`: where the next step's batch starts."""
+        return self.loader.get(offset, rows, T, ahead)
+
+    def host_batch(self, offset: int, rows: int, T: int) -> dict:
         inputs, targets = self.stream.batch(offset, rows, T)
         if self.final_args.family == "bert":
             inputs, positions, labels = data.mlm_batch(
@@ -339,8 +344,6 @@ class Trainer:
             batch = {"inputs": inputs, "targets": labels, "positions": positions}
         else:
             batch = {"inputs": inputs, "targets": targets}
-        if self.device.type == "cuda":  # pinned: the copy overlaps the queued GPU work
-            return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
         return batch
 
     # ------------------------------------------------------------------ logging and evaluation
@@ -380,7 +383,7 @@ class Trainer:
             if record["epoch"] >= 1 and not getattr(self, "_warned_repeat", False):
                 self._warned_repeat = True
                 self.console.print(f"warning: the training data repeats (epoch {record['epoch']} at step "
-                                   f"{self.step}); use a larger corpus (data=pysite, files, hf) for longer runs.")
+                                   f"{self.step}); use a larger corpus (data=pysite, files, hf, shards) for longer runs.")
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -400,7 +403,8 @@ class Trainer:
             count += n
             nbytes += int(batch["target_bytes"])
         model.train(was_training)
-        return {"val_loss": nll / count, "val_bpb": nll / (math.log(2) * max(nbytes, 1))}
+        # shards read without a tokenizer carry no byte counts: bits per byte is unknown there
+        return {"val_loss": nll / count, "val_bpb": nll / (math.log(2) * nbytes) if nbytes else float("nan")}
 
     # ------------------------------------------------------------------ growth
     def grow(self, stage) -> None:

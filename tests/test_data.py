@@ -15,6 +15,9 @@ import torch
 
 from msgrun import data
 from msgrun.config import DataConfig
+from msgrun.data import tokenizer
+from msgrun.data.common import _atomic_write
+from msgrun.data.stream import ChunkPermutation
 from msgrun.data import (
     DataError, TokenStream, fixed_eval_batches, mlm_batch, prepare_data, split_documents,
 )
@@ -90,14 +93,15 @@ def test_split_guarantees_both_sides():
 
 def test_prepare_data_split_and_roundtrip(tmp_path, corpus_dir, corpus):
     c = corpus
+    train, val = np.asarray(c.train), np.asarray(c.val)
     assert c.num_train_docs + c.num_val_docs == 40
     assert c.num_train_docs > 0 and c.num_val_docs > 0
     assert (c.eot_id, c.mask_id, c.pad_id) == (0, 1, 2)
     assert c.train.dtype == np.uint16 and c.vocab_size == 300
     assert c.train[-1] == c.eot_id and c.val[-1] == c.eot_id
-    assert np.count_nonzero(c.train == c.eot_id) == c.num_train_docs
+    assert np.count_nonzero(train == c.eot_id) == c.num_train_docs
     assert c.train_doc_bounds.dtype == np.int64 and c.train_doc_bounds[0] == 0
-    assert np.all(c.train[c.train_doc_bounds[1:] - 1] == c.eot_id)  # each doc ends right before the next
+    assert np.all(train[c.train_doc_bounds[1:] - 1] == c.eot_id)  # each doc ends right before the next
 
     # decoding gives back exactly the documents, each in one split only
     from tokenizers import Tokenizer
@@ -106,20 +110,20 @@ def test_prepare_data_split_and_roundtrip(tmp_path, corpus_dir, corpus):
     for name in sorted(os.listdir(corpus_dir)):
         with open(os.path.join(corpus_dir, name)) as f:
             texts[name] = f.read()
-    train_texts = [tok.decode(d.tolist()) for d in docs_of(c.train, c.eot_id)]
-    val_texts = [tok.decode(d.tolist()) for d in docs_of(c.val, c.eot_id)]
+    train_texts = [tok.decode(d.tolist()) for d in docs_of(train, c.eot_id)]
+    val_texts = [tok.decode(d.tolist()) for d in docs_of(val, c.eot_id)]
     assert sorted(train_texts + val_texts) == sorted(texts.values())
     assert not set(train_texts) & set(val_texts)
     assert c.train_bytes + c.val_bytes == sum(len(t.encode()) for t in texts.values())
 
     # another split seed moves documents; the same seed in a fresh cache reproduces everything
     again = prepare_data(make_cfg(tmp_path, cache_dir=str(tmp_path / "c2")), log=quiet)
-    assert np.array_equal(again.train, c.train) and np.array_equal(again.val, c.val)
+    assert np.array_equal(again.train, train) and np.array_equal(again.val, val)
     assert again.data_fingerprint == c.data_fingerprint
     assert again.tokenizer_fingerprint == c.tokenizer_fingerprint
     other = prepare_data(make_cfg(tmp_path, split_seed=7), log=quiet)
     assert other.data_fingerprint != c.data_fingerprint
-    assert not np.array_equal(other.val, c.val)
+    assert not np.array_equal(other.val, val)
 
 
 def test_token_bytes_match_utf8_length(tmp_path, corpus):
@@ -131,7 +135,7 @@ def test_token_bytes_match_utf8_length(tmp_path, corpus):
     ids = tok.encode(text).ids
     assert corpus.token_bytes[ids].sum() == len(text.encode())
     # whole corpus: the bytes behind the tokens are the bytes of the files
-    assert corpus.token_bytes[corpus.train].sum() == corpus.train_bytes
+    assert corpus.token_bytes[np.asarray(corpus.train)].sum() == corpus.train_bytes
     # byte-level BPE is exact beyond ASCII too
     text = "naïve café — 日本語 ✓"
     assert corpus.token_bytes[tok.encode(text).ids].sum() == len(text.encode())
@@ -141,9 +145,10 @@ def test_literal_special_token_in_text_is_not_a_separator(tmp_path, corpus_dir):
     with open(os.path.join(corpus_dir, "doc000.py"), "a") as f:
         f.write('EOT = "<|endoftext|>"  and "[MASK]"\n')
     c = prepare_data(make_cfg(tmp_path), log=quiet)
-    assert np.count_nonzero(c.train == c.eot_id) == c.num_train_docs
-    assert np.count_nonzero(c.val == c.eot_id) == c.num_val_docs
-    assert not np.any(c.train == c.mask_id) and not np.any(c.val == c.mask_id)
+    train, val = np.asarray(c.train), np.asarray(c.val)
+    assert np.count_nonzero(train == c.eot_id) == c.num_train_docs
+    assert np.count_nonzero(val == c.eot_id) == c.num_val_docs
+    assert not np.any(train == c.mask_id) and not np.any(val == c.mask_id)
 
 
 def test_omegaconf_config_is_accepted(tmp_path, corpus_dir):
@@ -171,8 +176,8 @@ def test_second_prepare_uses_the_cache(tmp_path, corpus, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("should have come from the cache")
 
-    monkeypatch.setattr(data, "_train_tokenizer", boom)
-    monkeypatch.setattr(data, "_encode_documents", boom)
+    monkeypatch.setattr(tokenizer, "train_tokenizer", boom)
+    monkeypatch.setattr(tokenizer, "encode_texts", boom)
     lines = []
     again = prepare_data(make_cfg(tmp_path), log=lines.append)
     assert again.data_fingerprint == corpus.data_fingerprint
@@ -220,14 +225,13 @@ def test_concurrent_runs_share_one_cache(tmp_path, corpus_dir):
         assert not [f for f in files if ".tmp-" in f]
 
 
-def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    def broken_save(f, arr):
+def test_failed_write_leaves_nothing(tmp_path):
+    def broken_write(f):
         f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(np, "save", broken_save)
     with pytest.raises(OSError):
-        data._write_npy(str(tmp_path / "x.npy"), np.zeros(3))
+        _atomic_write(str(tmp_path / "x.json"), broken_write)
     assert os.listdir(tmp_path) == []
 
 
@@ -238,7 +242,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
 def test_tokenizer_path_is_loaded(tmp_path, corpus, monkeypatch):
     path = str(tmp_path / "my_tokenizer.json")
     shutil.copy(corpus.tokenizer_path, path)
-    monkeypatch.setattr(data, "_train_tokenizer", lambda *a: pytest.fail("must not train"))
+    monkeypatch.setattr(tokenizer, "train_tokenizer", lambda *a: pytest.fail("must not train"))
     c = prepare_data(make_cfg(tmp_path, tokenizer_path=path, cache_dir=str(tmp_path / "c3")),
                      log=quiet)
     assert c.tokenizer_path == path
@@ -393,7 +397,8 @@ def test_epochs_are_chunk_permutations_and_wrap():
     e0, e1 = s.read(0, n), s.read(n, n)
     assert not np.array_equal(e0, e1)  # reshuffled
     for epoch, arr in ((0, e0), (1, e1)):
-        perm = np.random.default_rng([0, epoch]).permutation(n // 16)
+        perm = ChunkPermutation(n // 16, 0, epoch)(np.arange(n // 16))
+        assert sorted(perm.tolist()) == list(range(n // 16))  # every chunk exactly once
         expected = np.concatenate([tokens[i * 16:(i + 1) * 16] for i in perm])
         assert np.array_equal(arr, expected)
     # a read across the boundary, and one longer than an epoch
@@ -418,6 +423,7 @@ def test_stream_on_prepared_corpus(corpus):
     s = TokenStream(corpus.train, 32, seed=0)
     epoch = s.read(0, s.n)
     assert np.array_equal(np.sort(epoch), np.sort(corpus.train[: s.n]))
+    assert not np.array_equal(epoch, corpus.train[: s.n])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,7 +491,7 @@ def test_fixed_eval_batches_gpt(corpus):
 def test_fixed_eval_batches_bert(corpus):
     a = fixed_eval_batches(corpus, seq_len=16, batch_size=4, eval_tokens=300, family="bert", seed=3)
     b = fixed_eval_batches(corpus, seq_len=16, batch_size=4, eval_tokens=300, family="bert", seed=3)
-    val = torch.from_numpy(corpus.val.astype(np.int64))
+    val = torch.from_numpy(np.asarray(corpus.val).astype(np.int64))
     rows = min(300, len(corpus.val)) // 17
     stride = (len(corpus.val) - 17) // (rows - 1)
     original_rows = torch.stack([val[i * stride: i * stride + 16] for i in range(rows)])

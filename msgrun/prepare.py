@@ -1,0 +1,55 @@
+"""`msgrun-prepare`: a text source of the `data` config group into token shards on disk.
+
+    msgrun-prepare data=hf data.hf_path=json 'data.hf_data_files=[corpus/*.jsonl]' data.hf_streaming=true \\
+        data.tokenizer_path=gpt2/tokenizer.json out_dir=/data/corpus shard_tokens=100_000_000
+
+It composes the same `data` group as `msgrun` (conf/data/*.yaml), so a corpus prepared here and
+one read directly are split and tokenized alike; the work is msgrun/data/prepare.py. Bad input
+ends in one paragraph and exit code 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from msgrun.config import DataConfig
+from msgrun.errors import MsgrunError
+
+
+@dataclass
+class PrepareConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    out_dir: Optional[str] = None  # where the shards, tokenizer.json and manifest.json go
+    shard_tokens: int = 100_000_000  # tokens per shard (a shard ends at the first document boundary past it)
+    batch_bytes: int = 1_000_000  # text per tokenizer batch: what the tokenizers library spreads over all cores
+    progress: str = "auto"  # auto (a rich progress bar on a terminal) | rich | plain
+
+
+@hydra.main(version_base="1.3", config_path="pkg://msgrun.conf", config_name="prepare")
+def hydra_entry(cfg: DictConfig) -> None:
+    from msgrun.data.prepare import prepare_shards
+
+    if cfg.progress not in ("auto", "rich", "plain"):
+        print(f"msgrun-prepare: error: progress={cfg.progress!r}; choose one of auto, rich, plain.", file=sys.stderr)
+        sys.exit(2)
+    bar = sys.stderr.isatty() if cfg.progress == "auto" else cfg.progress == "rich"
+    try:
+        prepare_shards(cfg.data, cfg.out_dir, cfg.shard_tokens, cfg.batch_bytes, progress=bar)
+    except MsgrunError as e:
+        print(f"msgrun-prepare: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    ConfigStore.instance().store(name="prepare_schema", node=PrepareConfig)
+    hydra_entry()
+
+
+if __name__ == "__main__":
+    main()
