@@ -195,6 +195,7 @@ class TextSourceConfig:
     hf_streaming: bool = False
     max_docs: Optional[int] = None
     max_bytes: Optional[int] = None
+    join: bool = False  # true: the documents are one text (HF rows that are lines, as wikitext's)
     max_tokens: int = 262144  # tokens scored (the first ones of the text, in windows of model.seq_len)
 
 
@@ -217,7 +218,9 @@ class EvalConfig:
     at_end: bool = True
     at_growth: bool = False  # also on the model each growth event grows (just before it)
     every: int = 0  # also every N steps; 0: never
-    perplexity: Dict[str, TextSourceConfig] = field(default_factory=dict)  # task name -> held-out text
+    # task name -> held-out text, each a TextSourceConfig (typed when msgrun.evaluate reads it: Hydra cannot
+    # assign a whole mapping from the command line to a dict of dataclasses)
+    perplexity: Dict[str, Any] = field(default_factory=dict)
     lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
 
 

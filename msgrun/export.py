@@ -200,16 +200,15 @@ def hf_state(args: ModelArgs, sd: dict) -> dict:
     return out
 
 
-def to_hf(model: Transformer, special: dict, state: dict | None = None):
-    """The HF model computing what `model` computes (fp32, eval mode). `state`: the full state
-    dict where `model` holds shards (FSDP); default model.state_dict()."""
+def to_hf(args: ModelArgs, state: dict, special: dict):
+    """The HF model computing what a msgrun model of shape `args` with `state` (its full state
+    dict) computes, in fp32 and eval mode."""
     import transformers as tf
 
-    args = model.args
     config = hf_config(args, special)
     cls = getattr(tf, config.architectures[0])
     hf = cls(config).float().eval()
-    weights = hf_state(args, state if state is not None else model.state_dict())
+    weights = hf_state(args, state)
     missing, unexpected = hf.load_state_dict(weights, strict=False)
     expected_params = {n for n, _ in hf.named_parameters(remove_duplicate=False)}
     unfilled = [k for k in missing if k in expected_params and not tied_alias(hf, k, weights)]
@@ -373,7 +372,7 @@ def export_run(run_dir: Path, out: Path, checkpoint_path: str | None = None, tok
     arch = hf_architecture(model.args)  # refuse before the tokenizer is looked for
     tok_path = find_tokenizer(cfg, state["fingerprints"], tokenizer_path)
     special = special_ids(tok_path)
-    hf = to_hf(model, special)
+    hf = to_hf(model.args, model.state_dict(), special)
     probe = torch.arange(min(model.args.max_seq_len, 64)).unsqueeze(0) % model.args.vocab_size
     diff = max_logit_diff(model, hf, probe)
     info = {"architecture": arch, "checkpoint": str(ckpt.absolute()), "step": state["counters"]["step"],
