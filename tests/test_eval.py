@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -117,3 +120,22 @@ def test_bad_eval_config_is_refused_before_training(make_cfg, tmp_path, texts):
         with pytest.raises(ConfigError, match=message):
             Trainer(make_cfg("train.max_steps=2", *overrides), tmp_path / "run")
         assert not (tmp_path / "run").exists()
+
+
+def test_bert_perplexity_is_the_masked_token_loss(make_cfg, tmp_path, texts):
+    cfg = make_cfg("model=bert_tiny", "model.layers=2", "model.seq_len=32", "train.max_steps=4",
+                   f"+eval.perplexity.real={{name: files, paths: ['{texts / 'real.py'}'], max_tokens: 2000}}")
+    summary = Trainer(cfg, tmp_path).run()
+    # 2000 tokens in windows of 33, 15% of each window's 32 positions predicted: 60 windows x 5
+    assert summary["eval/real/tokens"] == 60 * 5
+    assert 0 < summary["eval/real/loss"] < 2 * math.log(512) and summary["eval/real/bpb"] > 0
+
+
+def test_cli_refuses_lm_eval_on_bert_with_exit_code_2(tmp_path, cache_dir):
+    from conftest import FAST
+
+    r = subprocess.run([sys.executable, "-m", "msgrun", "model=bert_tiny", "eval=example", *FAST,
+                        f"data.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'run'}"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "needs a causal model" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()

@@ -152,6 +152,35 @@ def test_bert_uses_one_gelu_everywhere():
         assert torch.equal(m.mlm_head.norm(F.gelu(m.mlm_head.dense(x), approximate=approx)), m.mlm_head(x))
 
 
+@pytest.mark.parametrize("layout", ["gpt2", "llama", "bert"])
+def test_large_weights_match_and_a_wrong_gelu_would_show(layout):
+    """Freshly built models with weights large enough that activations reach the range where the
+    two GELUs differ (a barely trained model's do not: there they agree to ~1e-6). The export
+    matches within 1e-4; the other GELU in HF's config would miss by 5x that."""
+    import dataclasses
+
+    from msgrun.export import to_hf
+
+    shape = dict(vocab_size=100, layers=2, hidden=48, heads=3, head_dim=16, ffn=72, init_std=0.2, max_seq_len=24)
+    args = {"gpt2": ModelArgs(**shape),
+            "llama": ModelArgs(**{**shape, "head_dim": 10}, norm="rmsnorm", mlp="swiglu", pos="rope", bias=False,
+                               tie_embeddings=False, rope_base=500.0, norm_eps=1e-6),
+            "bert": ModelArgs(**shape, family="bert", gelu="exact", norm_eps=1e-12)}[layout]
+    model = Transformer(args, generator=torch.Generator().manual_seed(0)).eval()
+    with torch.no_grad():  # non-trivial norms and biases
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.3)
+    ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(1))
+    special = {"eot": 0, "mask": 1, "pad": 2}
+    with torch.no_grad():
+        ours = model(ids)
+        assert (to_hf(args, model.state_dict(), special)(input_ids=ids).logits - ours).abs().max() < 1e-4
+        if args.mlp == "gelu":
+            other = dataclasses.replace(args, gelu="exact" if args.gelu == "tanh" else "tanh")
+            assert (to_hf(other, model.state_dict(), special)(input_ids=ids).logits - ours).abs().max() > 5e-4  # 5x the tolerance
+
+
 def test_cli_refuses_bad_input_with_exit_code_2(grown_runs, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
