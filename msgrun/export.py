@@ -363,6 +363,11 @@ def export_run(run_dir: Path, out: Path, checkpoint_path: str | None = None, tok
     """Export a run's checkpoint to `out`; returns what msgrun_export.json records."""
     out = Path(out)
     fresh_output(out)
+    try:
+        import safetensors  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise ExportError(f"msgrun-export needs transformers and safetensors ({e}): pip install 'msgrun[eval]'.") from e
     ckpt, state = load_checkpoint(Path(run_dir), checkpoint_path)
     cfg = json.loads(state["config"])
     if state["engine"].get("ramp") is not None:
