@@ -75,12 +75,13 @@ def hf_architecture(args: ModelArgs) -> str:
 def need_square(args: ModelArgs, cls: str) -> None:
     # GPT-2 and BERT derive the head size as hidden / heads; msgrun's attention width is free
     if args.heads * args.head_dim != args.hidden:
+        fix = (f"model.head_dim={args.hidden // args.heads}" if args.hidden % args.heads == 0
+               else "model.hidden a multiple of model.heads and model.head_dim = hidden / heads")
         raise ExportError(
             f"{cls} derives each head's size as hidden / heads, so it needs model.heads x model.head_dim == "
             f"model.hidden; this model has {args.heads} x {args.head_dim} = {args.heads * args.head_dim} != "
-            f"{args.hidden}. Train with model.head_dim={args.hidden // args.heads if args.hidden % args.heads == 0 else '?'} "
-            "(hidden divisible by heads), or use the LLaMA layout (model.norm=rmsnorm model.mlp=swiglu model.pos=rope), "
-            "whose head_dim is free.")
+            f"{args.hidden}. Train with {fix}, or use the LLaMA layout (model.norm=rmsnorm model.mlp=swiglu "
+            "model.pos=rope), whose head_dim is free.")
 
 
 def check_state(masked: list[str], pool: int) -> None:
