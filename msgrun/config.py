@@ -9,7 +9,7 @@ types cannot express (``heads > 0``, a schedule that never shrinks, ...) are che
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -28,6 +28,7 @@ class ModelConfig:
     dropout: float = 0.0
     norm: str = "layernorm"  # layernorm | rmsnorm
     mlp: str = "gelu"  # gelu | swiglu
+    gelu: str = "tanh"  # tanh (GPT-2) | exact (BERT): the GELU of the FFN and of BERT's MLM transform
     pos: str = "learned"  # learned | rope
     tie_embeddings: bool = True
     bias: bool = True
@@ -196,6 +197,50 @@ class ObjectiveConfig:
 
 
 @dataclass
+class TextSourceConfig:
+    """Held-out text for eval.perplexity: files (paths or glob patterns) or a Hugging Face dataset,
+    read as msgrun.data reads a training corpus (the same keys as `data`)."""
+
+    name: str = "files"  # files | hf
+    paths: List[str] = field(default_factory=list)
+    hf_path: Optional[str] = None
+    hf_name: Optional[str] = None
+    hf_split: str = "test"
+    hf_text_field: str = "text"
+    hf_data_files: List[str] = field(default_factory=list)
+    hf_streaming: bool = False
+    max_docs: Optional[int] = None
+    max_bytes: Optional[int] = None
+    join: bool = False  # true: the documents are one text (HF rows that are lines, as wikitext's)
+    max_tokens: int = 262144  # tokens scored (the first ones of the text, in windows of model.seq_len)
+
+
+@dataclass
+class LmEvalConfig:
+    """lm-evaluation-harness tasks on the exported model (pip install 'msgrun[eval]')."""
+
+    tasks: List[str] = field(default_factory=list)  # empty: no lm-eval
+    include_path: Optional[str] = None  # a folder of task YAML files (local tasks; see eval_tasks/)
+    limit: Optional[float] = None  # examples per task (int), or a fraction of each task (float < 1)
+    num_fewshot: Optional[int] = None
+    batch_size: int = 8
+    device: Optional[str] = None  # null: the training device
+
+
+@dataclass
+class EvalConfig:
+    """Downstream evaluation: results land in metrics.jsonl and summary.json as eval/<task>/<metric>."""
+
+    at_end: bool = True
+    at_growth: bool = False  # also on the model each growth event grows (just before it)
+    every: int = 0  # also every N steps; 0: never
+    # task name -> held-out text, each a TextSourceConfig (typed when msgrun.evaluate reads it: Hydra cannot
+    # assign a whole mapping from the command line to a dict of dataclasses)
+    perplexity: Dict[str, Any] = field(default_factory=dict)
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -205,6 +250,7 @@ class Config:
     operator: OperatorConfig = field(default_factory=OperatorConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def register_configs() -> None:
@@ -219,6 +265,7 @@ CHOICES = {
     "model.norm": ("layernorm", "rmsnorm"),
     "model.mlp": ("gelu", "swiglu"),
     "model.pos": ("learned", "rope"),
+    "model.gelu": ("tanh", "exact"),
     "data.name": ("pystdlib", "pysite", "files", "hf", "shards"),
     "optim.decay": ("cosine", "linear", "constant"),
     "train.device": ("auto", "cpu", "cuda"),

@@ -33,6 +33,9 @@ class ModelArgs:
     dropout: float = 0.0
     norm: str = "layernorm"  # layernorm | rmsnorm
     mlp: str = "gelu"  # gelu | swiglu
+    # Which GELU, in the FFN *and* BERT's MLM transform (one function for both, as HF's
+    # `hidden_act`): tanh (GPT-2's gelu_new) | exact (erf; BERT's, the MSG reference's "gelu").
+    gelu: str = "tanh"
     pos: str = "learned"  # learned | rope
     tie_embeddings: bool = True
     bias: bool = True
@@ -82,6 +85,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+def gelu_approximation(args: ModelArgs) -> str:
+    """F.gelu's `approximate` for args.gelu. Until this knob existed BERT mixed the tanh GELU (FFN)
+    with the exact one (MLM transform), which no single HF `hidden_act` reproduces."""
+    return "tanh" if args.gelu == "tanh" else "none"
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -120,6 +129,7 @@ class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.swiglu = args.mlp == "swiglu"
+        self.gelu = gelu_approximation(args)
         # swiglu: rows are [gate | up], both of width F
         self.fc = nn.Linear(args.hidden, (2 if self.swiglu else 1) * args.ffn, bias=args.bias)
         self.proj = nn.Linear(args.ffn, args.hidden, bias=args.bias)
@@ -131,7 +141,7 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h, approximate="tanh")
+            h = F.gelu(h, approximate=self.gelu)
         return self.resid_drop(self.proj(h))
 
 
@@ -168,9 +178,10 @@ class MLMHead(nn.Module):
         super().__init__()
         self.dense = nn.Linear(args.hidden, args.hidden, bias=args.bias)
         self.norm = make_norm(args, args.hidden)
+        self.gelu = gelu_approximation(args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(F.gelu(self.dense(x)))
+        return self.norm(F.gelu(self.dense(x), approximate=self.gelu))
 
 
 class Transformer(nn.Module):

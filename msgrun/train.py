@@ -29,8 +29,10 @@ from omegaconf import OmegaConf
 
 from msgrun import checkpoint, data, distributed, provenance
 from msgrun.errors import ConfigError, MsgrunError
+from msgrun.evaluate import Downstream
 from msgrun.flops import train_flops
 from msgrun.growth.engine import GrowthEngine, probe
+from msgrun.growth.masks import masked_modules
 from msgrun.model import ModelArgs, Transformer
 from msgrun.optim import LRSchedule, build_adamw, set_lr
 from msgrun.preflight import describe as describe_preflight
@@ -97,6 +99,9 @@ class Trainer:
         self.final_args = final_model_args(cfg.model, self.corpus.vocab_size)
         self.engine = GrowthEngine(cfg, self.final_args, world_size=self.dist.world_size)
         self.budget = self.engine.budget
+        # downstream evaluation (eval group, msgrun/evaluate.py): checked here, before any compute
+        self.downstream = Downstream(cfg, self.corpus, self.final_args, log=self.console.print)
+        self.downstream_results = {}
 
         self.init_gen = torch.Generator().manual_seed(distributed.seed_for(tc.seed, "init"))
         # the global generators draw dropout masks: seeded by train.seed, distinct per rank
@@ -249,15 +254,21 @@ class Trainer:
                 checkpoint.save(self)
             stage = self.engine.due_stage(self.step, self.tokens, self.flops, self.progress())
             if stage is not None:
+                if self.downstream.due("growth"):
+                    self.downstream_eval("growth")  # the model this event grows
                 self.grow(stage)
             self.train_step()
             if self.step % tc.log_every == 0 or self.done(start):
                 self.log(evaluate=self.step % tc.eval_every == 0 or self.done(start))
             elif self.step % tc.eval_every == 0:
                 self.log(evaluate=True)
+            if self.downstream.due("step", self.step) and not self.done(start):
+                self.downstream_eval("step")
             if tc.checkpoint_every and self.step % tc.checkpoint_every == 0 and not self.done(start):
                 checkpoint.save(self)
         checkpoint.save(self)
+        if self.downstream.due("end"):  # after the final checkpoint: a failing task never costs the training
+            self.downstream_eval("end")
 
     def boundary_requests(self) -> tuple[int | None, bool]:
         """Between two steps: a stop signal received (its number), and whether the wall-clock
@@ -386,15 +397,16 @@ class Trainer:
                                    f"{self.step}); use a larger corpus (data=pysite, files, hf, shards) for longer runs.")
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
+    def evaluate(self, batches: list[dict] | None = None) -> dict:
         """Loss and bits per byte on the same held-out tokens every time, with the full model
-        (all of RaPTr's layers) on full-length input (pooled as in training under length pooling)."""
+        (all of RaPTr's layers) on full-length input (pooled as in training under length pooling).
+        `batches`: other fixed batches in the same form (eval.perplexity); default the validation set."""
         model = self.model
         pool = self.engine.pool
         was_training = model.training
         model.eval()
         nll, count, nbytes = 0.0, 0, 0
-        for batch in self.eval_batches:
+        for batch in self.eval_batches if batches is None else batches:
             b = {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
             with self.autocast:
                 _, loss = model(b["inputs"], b.get("targets", b.get("labels")), b.get("positions"), pool=pool)
@@ -405,6 +417,20 @@ class Trainer:
         model.train(was_training)
         # shards read without a tokenizer carry no byte counts: bits per byte is unknown there
         return {"val_loss": nll / count, "val_bpb": nll / (math.log(2) * nbytes) if nbytes else float("nan")}
+
+    def downstream_eval(self, when: str) -> None:
+        """Downstream tasks (eval group) on the current model: one metrics.jsonl line of
+        eval/<task>/<metric> keys; the latest results also go to summary.json."""
+        results = self.downstream.run(self.model, self.evaluate, self.dist, self.device,
+                                      masked_modules(self.model), self.engine.pool)
+        self.downstream_results.update(results)
+        if self.is_main and results:
+            record = {"step": self.step, "tokens": self.tokens, "flops": self.flops, "wall_time": self.wall.total,
+                      "eval_at": when, **results}
+            self.metrics.write(record)
+            self.wandb.log(record)
+            self.console.print(f"eval at step {self.step} ({when}): " +
+                               ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
 
     # ------------------------------------------------------------------ growth
     def grow(self, stage) -> None:
@@ -449,7 +475,7 @@ class Trainer:
             "wall_time": self.wall.total, "params": self.model.num_params(),
             "final_loss": last.get("loss"), "final_val_loss": val.get("val_loss"), "final_val_bpb": val.get("val_bpb"),
             "final_shape": self.engine.shape.as_dict(), "growth_events": self.engine.events_done,
-            "preflight": getattr(self, "preflight", None),
+            "preflight": getattr(self, "preflight", None), **self.downstream_results,
             "choices": self.choices, "overrides": self.overrides, "seed": self.cfg.train.seed,
             "data_fingerprint": self.corpus.data_fingerprint, "tokenizer_fingerprint": self.corpus.tokenizer_fingerprint,
             "data": {"train_tokens": int(self.corpus.train.size), "val_tokens": int(self.corpus.val.size),
