@@ -218,6 +218,13 @@ class Transformer(nn.Module):
         The embeddings stay eager: two row gathers and an add, nothing to fuse."""
         if "head" in self.__dict__:
             return  # already compiled (a second call would wrap the compiled head again)
+        # Dynamo caches graphs per code object: all blocks of every model of the run share
+        # Block.forward's cache, the head's likewise. Each phase of a growing run adds a few
+        # legitimate variants (a new shape, masked or not, train or eval mode, a RaPTr scale), so a
+        # two-event MSG run that evaluates already needs more than the default 8; past the limit
+        # Dynamo runs the unit eagerly for the rest of the process, with only a log warning.
+        # Recompiles *per step* are what the limit guards against; tests/test_gpu.py checks those.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for block in self.blocks:
             block.compile(dynamic=False)
         # an instance attribute shadows the method (as nn.Module.compile stores its compiled
