@@ -21,7 +21,8 @@ stamp() { echo "== $(( $(date +%s) - t0 )) s: $*"; }
 
 stamp "versions"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA DEVICE')"
 date -u
 # msgrun itself, editable (its Hydra configs ship as the package msgrun.conf); no index, no deps
 $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3

@@ -224,7 +224,9 @@ class Transformer(nn.Module):
         # two-event MSG run that evaluates already needs more than the default 8; past the limit
         # Dynamo runs the unit eagerly for the rest of the process, with only a log warning.
         # Recompiles *per step* are what the limit guards against; tests/test_gpu.py checks those.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        dynamo = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+        setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
         for block in self.blocks:
             block.compile(dynamic=False)
         # an instance attribute shadows the method (as nn.Module.compile stores its compiled
