@@ -37,6 +37,16 @@ def build_trainer(overrides: list[str], batch: int | None = None, compile: bool 
     return trainer
 
 
+def compile_stats() -> dict:
+    """Dynamo's counters since the last `torch._dynamo.utils.counters.clear()`: graphs captured,
+    frames compiled (a first compile or a recompile: a call that missed every cached graph), and
+    graph breaks. Structural figures: unlike timings, a loaded machine does not move them."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": counters["stats"]["unique_graphs"], "compiles": counters["frames"]["ok"],
+            "graph_breaks": sum(counters["graph_break"].values())}
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -216,6 +216,34 @@ class Transformer(nn.Module):
                 s = std / math.sqrt(2 * self.args.layers) if name.endswith("proj.weight") else std
                 nn.init.normal_(p, 0.0, s, generator=generator)
 
+    def compile_units(self) -> None:
+        """torch.compile each block and the head as separate units, shapes static.
+
+        Per block, not the whole model: a new layer of an existing shape reuses the block's
+        cached graph, and RaPTr's changing paths (the `layers` list, a Python value a whole-model
+        graph would guard on) never recompile (DESIGN.md section 5). The head is its own unit
+        because, left eager, its cross-entropy runs as separate log_softmax / nll_loss kernels
+        over B*T*V logits forward and backward (plus a B*T*V zero fill for nll_loss's gradient);
+        compiled, forward and backward are each one fused pass. On gpt_tiny (CPU) that eager
+        loss was the whole gap between per-block compiling and compiling the whole model.
+        The embeddings stay eager: two row gathers and an add, nothing to fuse."""
+        if "head" in self.__dict__:
+            return  # already compiled (a second call would wrap the compiled head again)
+        # Dynamo caches graphs per code object: all blocks of every model of the run share
+        # Block.forward's cache, the head's likewise. Each phase of a growing run adds a few
+        # legitimate variants (a new shape, masked or not, train or eval mode, a RaPTr scale), so a
+        # two-event MSG run that evaluates already needs more than the default 8; past the limit
+        # Dynamo runs the unit eagerly for the rest of the process, with only a log warning.
+        # Recompiles *per step* are what the limit guards against; tests/test_gpu.py checks those.
+        dynamo = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+        setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
+        for block in self.blocks:
+            block.compile(dynamic=False)
+        # an instance attribute shadows the method (as nn.Module.compile stores its compiled
+        # call on the instance); growth builds a new Transformer, which the trainer compiles anew
+        self.head = torch.compile(self.head, dynamic=False)
+
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # a tied weight is counted once
         if non_embedding:
@@ -230,6 +258,7 @@ class Transformer(nn.Module):
         layers: list[int] | None = None,
         layer_scale: dict[int, float] | None = None,
         pool: int = 1,
+        with_logits: bool = True,
     ):
         """idx (B, T) token ids. gpt: targets (B, T). bert: `positions` (B, M) of the predicted
         tokens and `targets` (B, M) their labels; the head runs on those positions only (static
@@ -237,7 +266,8 @@ class Transformer(nn.Module):
         the blocks to run, in order (RaPTr's random paths); default all. `layer_scale`: a factor on
         the branch outputs of the listed blocks (block index -> factor); others run plain.
         `pool` > 1 (bert): CompoundGrowth's length pooling, below.
-        Returns logits, or (logits, mean cross-entropy in fp32) when targets are given."""
+        Returns logits, or (logits, mean cross-entropy in fp32) when targets are given;
+        `with_logits=False` returns (None, loss): what the training step asks for (see head)."""
         B, T = idx.shape
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
@@ -263,13 +293,20 @@ class Transformer(nn.Module):
             # the plain call keeps its two-argument form: masked blocks (MSG) take no scale
             x = self.blocks[i](x, rope, **extra) if scale is None else self.blocks[i](x, rope, scale, **extra)
             context = None  # only the first block reads the full-length input
-        return self.head(x, targets, positions, pool)
+        return self.head(x, targets, positions, pool, with_logits)
 
     def head(self, x: torch.Tensor, targets: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-             pool: int = 1):
+             pool: int = 1, with_logits: bool = True):
         """Final norm, (bert) the predicted positions and the MLM transform, the LM head and the
-        loss: one unit, so that it can be compiled on its own (bench/throughput.py
-        --compile-head; on CPU that measured 4-6% slower, so runs leave it eager)."""
+        loss: one unit, compiled on its own under train.compile (compile_units).
+
+        `with_logits=False` (the training step) keeps the logits inside the unit. The logits are
+        the step's largest tensor (B*T*V; 64 MB in fp32 for gpt_tiny's default batch, 1.6 GB in
+        bf16 for gpt_small's). Compiled, the loss's backward writes the logits' gradient into
+        their own buffer in place, unless the logits are also an output the caller may still
+        hold: then every step allocates a second buffer of that size; returned as a
+        differentiable output they would moreover get a zero-filled gradient of that size each
+        step. Eager, returning them only keeps them alive longer (peak memory)."""
         if self.final_norm is not None:
             x = self.final_norm(x)
         if self.mlm_head is not None:
@@ -282,4 +319,4 @@ class Transformer(nn.Module):
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        return logits, loss
+        return (logits if with_logits else None), loss

@@ -219,10 +219,7 @@ class Trainer:
         loaded into them). Called at the start and after every growth event."""
         model = self.model
         if self.cfg.train.compile:
-            # compile per block: a new layer of an existing shape reuses the cached graph, and
-            # RaPTr's changing paths never recompile (docs/architecture.md section 5)
-            for block in model.blocks:
-                block.compile(dynamic=False)
+            model.compile_units()  # each block and the head (model.py says why those units)
         if self.dist.mode == "fsdp":
             _, optim_state = distributed.full_state(model, self.optimizer)
             distributed.shard(model, self.dist)
@@ -312,8 +309,9 @@ class Trainer:
                 batch = self.make_batch(offset, micro_rows, T, ahead=rows * T)
                 with distributed.maybe_no_sync(self.train_model, dist, last=micro == tc.grad_accum - 1):
                     with self.autocast:
+                        # with_logits=False: the step never reads them (Transformer.head says why it matters)
                         _, loss = self.train_model(batch["inputs"], batch["targets"], batch.get("positions"), layers,
-                                                   layer_scale, layout.pool)
+                                                   layer_scale, layout.pool, with_logits=False)
                     (loss / tc.grad_accum).backward()
                 loss_sum += loss.detach()
             if self.cfg.optim.grad_clip > 0:

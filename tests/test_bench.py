@@ -16,18 +16,23 @@ def bench(*args, cwd):
 
 
 def test_gpu_goals_report_runs_and_writes_every_table(tmp_path):
-    out = tmp_path / "goals.md"
+    out, profile = tmp_path / "goals.md", tmp_path / "profile.txt"
     bench(str(BENCH / "gpu_goals.py"), "--models", "gpt_tiny", "--stage-model", "gpt_tiny", "--steps", "1",
-          "--warmup", "1", "--event-steps", "1", "--events", "layers_only", "--out", str(out), cwd=tmp_path)
+          "--warmup", "1", "--event-steps", "1", "--events", "layers_only", "--stages", "--out", str(out),
+          "--profile", str(profile), cwd=tmp_path)
     text = out.read_text()
     for heading in ("Baseline step against the reference step", "Each stage of schedule=depth_first",
                     "Growth events on gpt_tiny", "Goals"):
         assert f"## {heading}" in text
     goals = text.split("## Goals")[1]
-    # one baseline goal, one per stage of depth_first (start + 2 stages), two for the event
-    assert goals.count("| met |") + goals.count("| missed |") == 1 + 3 + 2
+    # eager on the CPU: the baseline against the reference (no compiled-vs-eager goal), ramp and
+    # event time for the one event, one per stage of depth_first (start + 2 stages)
+    assert goals.count("| met |") + goals.count("| missed |") == 1 + 2 + 3
+    assert "aten::mm" in profile.read_text()  # the step's matmuls, by self time
 
 
-def test_throughput_script_runs(tmp_path):
-    stdout = bench(str(BENCH / "throughput.py"), "--model", "gpt_tiny", "--steps", "1", "--warmup", "1", cwd=tmp_path)
-    assert "msgrun / reference tokens/s" in stdout
+def test_throughput_script_prints_the_comparison(tmp_path):
+    stdout = bench(str(BENCH / "throughput.py"), "--model", "gpt_tiny", "--steps", "2", "--rounds", "2",
+                   "--warmup", "1", cwd=tmp_path)
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("gpt_tiny: msgrun / reference tokens/s ") and "median of 2 interleaved rounds" in last

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Issue 18's whole GPU check in one run of about 8 minutes on one H200: the `gpu` tests, then every
+# speed figure against its goal (bench/gpu_goals.py), then the goals in one table.
+#
+#   here, once:   bash bench/gpu_deps.sh                 (.gpu_deps/: Hydra, OmegaConf, ANTLR)
+#   device run:   carry [".gpu_deps"], timeout_s 600, command: bash bench/gpu_check.sh
+#
+# Everything lands in $OUT (the device tool brings it back): pytest_gpu.txt, gpu_goals.md (the
+# tables for docs/gpu.md), gpu_goals.txt (the full output), profile.txt (top kernels of the step).
+# Each part has its own time limit, so a hang in one still returns the others' figures.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_check_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/.gpu_deps${PYTHONPATH:+:$PYTHONPATH}"
+# a fresh Inductor cache: compile and recompile times are those of a first run on the machine
+export TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)" MSGRUN_CACHE="$(mktemp -d)"
+PY=${PY:-python3}
+t0=$(date +%s)
+stamp() { echo "== $(( $(date +%s) - t0 )) s: $*"; }
+
+stamp "versions"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA DEVICE')"
+date -u
+# msgrun itself, editable (its Hydra configs ship as the package msgrun.conf); no index, no deps
+$PY -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3
+
+stamp "part 1: correctness on CUDA (pytest -m gpu, limit 210 s)"
+timeout 210 $PY -m pytest -q -m gpu -p no:cacheprovider -rs --durations=8 tests/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.txt"
+echo "pytest exit: ${PIPESTATUS[0]}"
+
+stamp "part 2: speed against the goals (bench/gpu_goals.py, limit 270 s)"
+# GOALS_ARGS: extra arguments, e.g. a CPU dry run of this script (docs/gpu.md)
+timeout 270 $PY bench/gpu_goals.py --out "$OUT/gpu_goals.md" --profile "$OUT/profile.txt" ${GOALS_ARGS:-} 2>&1 | tee "$OUT/gpu_goals.txt"
+echo "gpu_goals exit: ${PIPESTATUS[0]}"
+
+stamp "done; goals:"
+sed -n '/## Goals/,$p' "$OUT/gpu_goals.md" 2>/dev/null || echo "(gpu_goals.md was not written: see gpu_goals.txt)"
