@@ -44,6 +44,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from msgrun.errors import ConfigError
+from msgrun.growth import expansion, lemon
 from msgrun.growth.schedule import Shape, Stage
 from msgrun.growth.surgery import (Origin, UnitMap, grow_parameters, parameter_axes, transplant, unit_maps_for,
                                    unit_size)
@@ -56,6 +57,10 @@ METHODS = {
     "ffn": ("msg", "fpi", "aki", "tile"),
     "seq_len": ("warmup", "pool"),
 }
+# methods of issue 14 (LLaMA-Pro, SOLAR, MIDAS, LEMON): growth/expansion.py and growth/lemon.py
+METHODS["layers"] += expansion.DEPTH_METHODS
+for _d in ("hidden", "heads", "ffn"):
+    METHODS[_d] += ("lemon",)
 COPYING = ("fpi", "aki", "tile")
 CHOICES = {
     "depth_init": ("copy", "random"),
@@ -147,6 +152,10 @@ class GrowthOperator:
                 if method == "tile" and new % old:
                     raise ConfigError(f"{stage.describe()} grows {d} {old} -> {new}, but operator.{d}=tile copies "
                                       f"every unit an integer number of times: {new} is not a multiple of {old}.")
+                if d == "layers" and method in expansion.DEPTH_METHODS:
+                    expansion.check_depth(method, old, new, self.family, stage.describe())
+                if method == "lemon" and d != "layers":
+                    lemon.check_width(d, old, new, self.family, stage.describe())
                 if method == "aki" and d == "hidden":
                     raise ConfigError("operator.hidden=aki: AKI mixes in the next layer's units, which has no "
                                       "meaning for the residual width shared by all layers; use fpi for hidden.")
@@ -176,6 +185,8 @@ class GrowthOperator:
             return UnitMap.append_new(old, new)
         if method == "tile":
             return UnitMap.from_sources(torch.arange(new) % old)
+        if method == "lemon":
+            return lemon.unit_map(dim, old, new, self.cfg.symmetry_noise, gen)
         # fpi / aki: originals stay in place; each new unit copies a source unit
         extra = new - old
         if self.cfg.mapping == "left":
@@ -189,6 +200,8 @@ class GrowthOperator:
         identity mask. Deterministic, so an interrupted ramp can be rebuilt on resume."""
         if new_layers == old_layers:
             return list(range(old_layers)), [False] * old_layers
+        if self.methods["layers"] in expansion.DEPTH_METHODS:  # copies without masks (growth/expansion.py)
+            return expansion.layer_sources(self.methods["layers"], old_layers, new_layers)[0], [False] * new_layers
         sources = layer_map(old_layers, new_layers, self.cfg.depth_order)
         kept = first_occurrences(sources)
         msg = self.methods["layers"] == "msg"
@@ -208,6 +221,8 @@ class GrowthOperator:
     def grow(self, model: Transformer, target: Shape, final: ModelArgs, gen: torch.Generator) -> Grown:
         old_args = model.args
         new_args = self.model_args(target, final)
+        if self.methods["hidden"] == "lemon":
+            new_args = lemon.grown_args(old_args, new_args)
         unit_maps = unit_maps_for(old_args, new_args, lambda d, o, n: self.unit_map(d, o, n, gen))
         layer_sources, _ = self.layer_plan(old_args.layers, new_args.layers)
         grown_model, origins = grow_parameters(model, new_args, unit_maps, layer_sources, gen)
@@ -216,6 +231,11 @@ class GrowthOperator:
                 take_from_next_layer(grown_model, model, d, origins)
             if self.methods[d] in COPYING and self.cfg.symmetry_noise > 0:
                 break_symmetry(grown_model, d, um, self.cfg.symmetry_noise, gen)
+        if "hidden" in unit_maps and self.methods["hidden"] == "lemon":
+            lemon.finish_hidden(grown_model, old_args.hidden)
+        if self.methods["layers"] in expansion.IDENTITY_ENTRY and new_args.layers != old_args.layers:
+            expansion.zero_output_projections(
+                grown_model, expansion.layer_sources(self.methods["layers"], old_args.layers, new_args.layers)[1])
         new_units, new_layers = self.mask_plan(old_args, new_args)
         return Grown(grown_model, origins, new_units, new_layers)
 

@@ -1,0 +1,186 @@
+"""The operators of issue 14: LLaMA-Pro block expansion, SOLAR depth up-scaling, MIDAS gradual middle
+stacking and LEMON's lossless width/depth growth. Exactness where the method claims it (odd,
+non-multiple sizes), the measured jump where it does not, layer maps against the papers' recipes,
+refusals before training, optimizer moments by provenance, and every preset through the loop."""
+
+import math
+
+import pytest
+import torch
+
+from msgrun.errors import ConfigError
+from msgrun.growth import expansion
+from msgrun.growth.optim_transfer import transfer_adamw
+from msgrun.config import OptimConfig
+from msgrun.optim import build_adamw
+
+from conftest import read_jsonl
+from test_operators import CHANGED, EXACT, FAMILIES, SMALL, grow, logit_diff, make_model, operator, run
+
+PRE_NORM = {k: v for k, v in FAMILIES.items() if k != "bert"}
+pre_norm = pytest.mark.parametrize("arch", PRE_NORM.values(), ids=PRE_NORM.keys())
+archs = pytest.mark.parametrize("arch", FAMILIES.values(), ids=FAMILIES.keys())
+
+
+# ---------------------------------------------------------------------------- layer maps
+@pytest.mark.parametrize("old,new,sources,zeroed", [
+    (32, 40, None, None),  # the paper's LLaMA-2 7B -> 8B Pro: one copy after every 4 blocks
+    (3, 4, [0, 1, 2, 2], [False, False, False, True]),
+    (3, 5, [0, 0, 1, 2, 2], [False, True, False, False, True]),  # not divisible: groups [0], [1, 2]
+    (2, 4, [0, 0, 1, 1], [False, True, False, True]),
+])
+def test_llama_pro_places_one_zeroed_copy_after_each_group(old, new, sources, zeroed):
+    got, got_zeroed = expansion.layer_sources("llama_pro", old, new)
+    if sources is None:  # the reference's split = L / P = 4: after blocks 3, 7, ..., 31
+        sources = [s for g in range(8) for s in list(range(4 * g, 4 * g + 4)) + [4 * g + 3]]
+        zeroed = [i % 5 == 4 for i in range(40)]
+    assert got == sources and got_zeroed == zeroed
+
+
+@pytest.mark.parametrize("old,new,sources", [
+    (32, 48, list(range(24)) + list(range(8, 32))),  # SOLAR 10.7B: m = 8
+    (3, 4, [0, 1, 1, 2]),
+    (3, 5, [0, 1, 2, 1, 2]),  # odd target: the first copy keeps one layer more
+    (2, 4, [0, 1, 0, 1]),  # m = 0: plain stacking
+])
+def test_solar_concatenates_bottom_and_top_of_two_copies(old, new, sources):
+    assert expansion.layer_sources("solar", old, new) == (sources, [False] * new)
+
+
+@pytest.mark.parametrize("old,new,sources", [
+    (1, 2, [0, 0]),
+    (3, 6, [0, 1, 2, 0, 1, 2]),
+    (6, 9, [0, 1, 2, 0, 1, 2, 3, 4, 5]),  # two blocks of 3: the lower middle one is duplicated
+    (9, 12, [0, 1, 2, 3, 4, 5, 3, 4, 5, 6, 7, 8]),  # three blocks: the middle one
+    (5, 7, [0, 1, 2, 1, 2, 3, 4]),  # b = 2 does not tile 5 layers: the block at floor((5 - 2) / 2) = 1
+])
+def test_midas_duplicates_the_middle_block_in_place(old, new, sources):
+    assert expansion.layer_sources("midas", old, new) == (sources, [False] * new)
+
+
+# ---------------------------------------------------------------------------- depth exactness
+@pre_norm
+@pytest.mark.parametrize("method", ["llama_pro", "lemon"])
+@pytest.mark.parametrize("new", [4, 5])
+def test_identity_blocks_are_exact_in_pre_norm(arch, method, new):
+    model = make_model(arch)
+    grown = grow(model, operator(layers=method), layers=new)
+    assert grown.model.args.layers == new
+    assert logit_diff(model, grown.model) <= EXACT
+    _, zeroed = expansion.layer_sources(method, 3, new)
+    for i, z in enumerate(zeroed):  # new blocks: trained input weights, zero output projections
+        block = grown.model.blocks[i]
+        assert (block.mlp.proj.weight.abs().sum() == 0) == z and (block.attn.proj.weight.abs().sum() == 0) == z
+        assert block.attn.qkv.weight.abs().sum() > 0
+
+
+@pre_norm
+@pytest.mark.parametrize("method", ["solar", "midas"])
+def test_solar_and_midas_are_not_function_preserving(arch, method):
+    model = make_model(arch)
+    grown = grow(model, operator(layers=method), layers=5)
+    assert logit_diff(model, grown.model) > CHANGED
+
+
+def test_identity_entry_depth_is_refused_for_post_norm(make_cfg):
+    from msgrun.growth.engine import GrowthEngine
+    from msgrun.train import final_model_args
+    for method in ("llama_pro", "lemon"):
+        cfg = make_cfg("model=bert_tiny", "schedule=layers_only", f"operator.layers={method}")
+        with pytest.raises(ConfigError, match="post-norm"):
+            GrowthEngine(cfg, final_model_args(cfg.model, 256))
+
+
+@pytest.mark.parametrize("method,start", [("llama_pro", 1), ("solar", 1), ("midas", 1)])
+def test_depth_growth_beyond_twice_is_refused(make_cfg, method, start):
+    from msgrun.growth.engine import GrowthEngine
+    from msgrun.train import final_model_args
+    cfg = make_cfg("schedule=layers_only", f"operator.layers={method}", f"schedule.start.layers={start}")
+    with pytest.raises(ConfigError, match="at most 2 layers from 1"):
+        GrowthEngine(cfg, final_model_args(cfg.model, 256))
+
+
+# ---------------------------------------------------------------------------- LEMON width
+@archs
+@pytest.mark.parametrize("dim,old,new", [("heads", 3, 5), ("ffn", 200, 333), ("heads", 3, 6)])
+def test_lemon_heads_and_ffn_are_exact_at_non_multiples(arch, dim, old, new):
+    model = make_model(arch, **{dim: old})
+    grown = grow(model, operator(**{dim: "lemon"}, symmetry_noise=0.2), **{dim: new})
+    assert logit_diff(model, grown.model) <= EXACT
+
+
+@pre_norm
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("old,new", [(96, 131), (64, 161), (96, 192)])
+def test_lemon_hidden_is_exact_at_non_multiples_under_norms(arch, tie, old, new):
+    model = make_model({**arch, "tie_embeddings": tie}, hidden=old)
+    grown = grow(model, operator(hidden="lemon", symmetry_noise=0.2), hidden=new)
+    assert grown.model.args.hidden == new
+    assert logit_diff(model, grown.model) <= EXACT
+
+
+def test_lemon_bert_hidden_multiple_is_exact_and_non_multiple_refused(make_cfg):
+    model = make_model(FAMILIES["bert"], hidden=64)
+    grown = grow(model, operator(family="bert", hidden="lemon", heads="lemon", ffn="lemon", symmetry_noise=0.2),
+                 hidden=128, heads=5, ffn=333)
+    assert logit_diff(model, grown.model) <= EXACT
+    from msgrun.growth.engine import GrowthEngine
+    from msgrun.train import final_model_args
+    cfg = make_cfg("model=bert_tiny", "schedule=hidden_only", "operator.hidden=lemon", "schedule.start.hidden=96")
+    with pytest.raises(ConfigError, match="divisible widths only"):
+        GrowthEngine(cfg, final_model_args(cfg.model, 256))
+
+
+@pre_norm
+def test_lemon_every_dimension_at_once_is_exact_and_breaks_symmetry(arch):
+    model = make_model(arch, hidden=64)
+    op = operator(layers="lemon", hidden="lemon", heads="lemon", ffn="lemon", symmetry_noise=0.2)
+    grown = grow(model, op, layers=5, hidden=101, heads=4, ffn=257)
+    assert logit_diff(model, grown.model) <= EXACT
+    # the copies' consumers take different shares of the source: a copy of head 0 (head 3) and
+    # head 0 itself read different attn.proj columns, summing to the original
+    old_cols = model.blocks[0].attn.proj.weight[:64, :16]
+    new_w = grown.model.blocks[0].attn.proj.weight
+    a, b = new_w[:64, :16], new_w[:64, 48:64]
+    assert not torch.allclose(a, b)
+    torch.testing.assert_close(a + b, old_cols, atol=1e-6, rtol=1e-5)
+    assert grown.model.args.norm_eps == pytest.approx(model.args.norm_eps * 64 / 101)
+
+
+# ---------------------------------------------------------------------------- presets and the loop
+NEW = {  # experiment: (growth events, function preserving)
+    "llama_pro": (1, True),
+    "solar": (1, False),
+    "midas": (3, False),
+    "lemon": (1, True),
+}
+MODELS = ("gpt_tiny", "llama_tiny", "gpt_small", "gpt_medium", "llama_small", "bert_tiny", "bert_base", "bert_large")
+POST_NORM_REFUSED = {"llama_pro"}  # identity-entry depth needs pre-norm blocks
+
+
+@pytest.mark.parametrize("exp", NEW)
+@pytest.mark.parametrize("model", MODELS)
+def test_each_experiment_resolves_on_every_shipped_model(make_cfg, exp, model):
+    from msgrun.growth.engine import GrowthEngine
+    from msgrun.train import final_model_args
+    cfg = make_cfg(f"experiment={exp}", f"model={model}", "train.max_steps=240")
+    if model.startswith("bert") and exp in POST_NORM_REFUSED:
+        with pytest.raises(ConfigError, match="post-norm"):
+            GrowthEngine(cfg, final_model_args(cfg.model, 4096))
+        return
+    engine = GrowthEngine(cfg, final_model_args(cfg.model, 4096))
+    assert len(engine.stages) == NEW[exp][0]
+
+
+@pytest.mark.parametrize("arch", ["model=gpt_tiny", "model=llama_tiny"])
+@pytest.mark.parametrize("exp", NEW)
+def test_each_new_operator_trains_through_its_experiment(make_cfg, tmp_path, exp, arch):
+    n_events, exact = NEW[exp]
+    small = [o for o in SMALL if "ffn" not in o and "heads" not in o] + ["model.heads=4", "model.ffn=96"]
+    trainer, metrics, events = run(make_cfg, tmp_path, f"experiment={exp}", arch, *small, "model.layers=4",
+                                   "train.max_steps=12", "train.log_every=4", "train.eval_every=12")
+    assert len(events) == n_events
+    assert trainer.engine.shape == trainer.engine.final_shape
+    assert all(math.isfinite(m["loss"]) for m in metrics)
+    diffs = [e["max_abs_logit_diff"] for e in events]
+    assert all(d <= EXACT for d in diffs) if exact else all(d > CHANGED for d in diffs)
