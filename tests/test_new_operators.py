@@ -184,3 +184,30 @@ def test_each_new_operator_trains_through_its_experiment(make_cfg, tmp_path, exp
     assert all(math.isfinite(m["loss"]) for m in metrics)
     diffs = [e["max_abs_logit_diff"] for e in events]
     assert all(d <= EXACT for d in diffs) if exact else all(d > CHANGED for d in diffs)
+
+
+def test_lemon_moments_follow_each_copys_share_of_the_gradient():
+    """A copy whose consumers read it at share alpha gets alpha times its source's gradient on its
+    producing weights: the moved AdamW moments must carry that alpha (first moment) and alpha^2."""
+    from test_operators import VOCAB, SEQ, gather, gradients
+    from msgrun.config import OperatorConfig
+    model = make_model(FAMILIES["gpt_layernorm"])
+    opt = build_adamw(model, 1e-3, OptimConfig(weight_decay=0.0), "cpu")
+    g = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        gradients(model, torch.randint(3, VOCAB, (4, SEQ), generator=g), None)
+        opt.step()
+    grown = grow(model, operator(ffn="lemon", symmetry_noise=0.3), ffn=333)
+    new_opt = transfer_adamw(opt, model, grown.model, grown.origins, OperatorConfig(), OptimConfig(), "cpu")
+    idx = torch.randint(3, VOCAB, (4, SEQ), generator=g)
+    gradients(model, idx, None)
+    gradients(grown.model, idx, None)
+    name = "blocks.1.mlp.fc.weight"
+    p, source = dict(grown.model.named_parameters())[name], dict(model.named_parameters())[name]
+    origin = grown.origins[name]
+    share = origin.maps[0][2][:, None]  # the moment factor per produced unit: its share alpha
+    assert share.min() < 0.45 and share.max() > 0.55  # unequal shares (symmetry broken)
+    torch.testing.assert_close(p.grad, share * gather(source.grad, origin), atol=1e-7, rtol=1e-4)
+    state, old = new_opt.state[p], opt.state[source]
+    torch.testing.assert_close(state["exp_avg"], share * gather(old["exp_avg"], origin))
+    torch.testing.assert_close(state["exp_avg_sq"], share ** 2 * gather(old["exp_avg_sq"], origin))
