@@ -150,6 +150,8 @@ class OperatorConfig:
     optimizer_state: str = "carry"  # carry (by provenance) | reset (fresh optimizer)
     new_moments: str = "mean"  # zero (MSG reference) | mean (second moment from the source's mean)
     lr_policy: str = "continue"  # continue | rewind (MSG reference) | restart (fresh warmup)
+    # issue-14 operators (growth/expansion.py, growth/lemon.py)
+    freeze_old: bool = False  # layers=llama_pro: after the event only the new blocks train (LLaMA-Pro's recipe)
 
 
 @dataclass

@@ -285,7 +285,7 @@ class Trainer:
             if self.device.type == "cuda" and self.step % tc.log_every == tc.log_every - 1:
                 torch.cuda.synchronize()  # the window's timing must include the queued work
         step_flops = train_flops(self.model.args, rows, T, len(layers) if layers is not None else None,
-                                 layout.predicted, layout.pool)
+                                 layout.predicted, layout.pool, self.engine.trainable_layers)
         self.step += 1
         self.tokens += rows * T
         self.flops += step_flops

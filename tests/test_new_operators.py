@@ -211,3 +211,61 @@ def test_lemon_moments_follow_each_copys_share_of_the_gradient():
     state, old = new_opt.state[p], opt.state[source]
     torch.testing.assert_close(state["exp_avg"], share * gather(old["exp_avg"], origin))
     torch.testing.assert_close(state["exp_avg_sq"], share ** 2 * gather(old["exp_avg_sq"], origin))
+
+
+# ---------------------------------------------------------------------------- LLaMA-Pro's frozen blocks
+@pre_norm
+def test_frozen_flops_equal_what_autograd_executes(arch):
+    """FLOPs charged for a step of a model whose old blocks are frozen equal FlopCounterMode's
+    count of the forward and backward that actually run."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from msgrun.flops import train_flops
+    from msgrun.growth.engine import exact_numerics
+    from test_operators import SEQ, VOCAB
+    model = make_model(arch, layers=5)
+    trainable = [2, 4]
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(name.startswith(f"blocks.{i}.") for i in trainable))
+    idx = torch.randint(3, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    with exact_numerics(), FlopCounterMode(display=False) as counter:  # math attention: scores are matmuls
+        _, loss = model(idx, idx)
+        loss.backward()
+    charged = train_flops(model.args, 2, SEQ, trainable=trainable)
+    assert charged == counter.get_total_flops()
+    assert charged < train_flops(model.args, 2, SEQ)
+
+
+def test_freeze_old_trains_only_the_new_blocks_and_survives_resume(make_cfg, tmp_path):
+    from msgrun import checkpoint
+    from msgrun.flops import train_flops
+    from msgrun.train import Trainer
+    small = [o for o in SMALL if "ffn" not in o and "heads" not in o] + ["model.heads=4", "model.ffn=96"]
+    overrides = ["experiment=llama_pro", "operator.freeze_old=true", *small, "model.layers=4",
+                 "schedule.stages.0.at_fraction=null", "schedule.stages.0.at_step=4",
+                 "train.max_steps=8", "train.log_every=1", "train.eval_every=8"]
+    trainer, metrics, events = run(make_cfg, tmp_path, *overrides)
+    model = trainer.model
+    assert trainer.engine.trainable_layers == [3]  # 3 blocks -> 4: the copy of block 2 after it
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        n for n, _ in model.named_parameters() if n.startswith("blocks.3.")]
+    # after the event, each step is charged what the frozen model executes
+    rows, T = trainer.engine.layout(trainer.engine.shape).rows, trainer.cfg.model.seq_len
+    assert metrics[-1]["flops"] - metrics[-2]["flops"] == train_flops(model.args, rows, T, trainable=[3])
+    # the checkpoint right after the event and the final one: old blocks untouched, the new one trained
+    after_event, final = [torch.load(p, weights_only=True) for p in checkpoint.list_checkpoints(tmp_path)[-2:]]
+    assert after_event["counters"]["step"] == 4 and final["counters"]["step"] == 8
+    for name, value in final["model"].items():
+        assert torch.equal(value, after_event["model"][name]) != name.startswith("blocks.3."), name
+    # a resumed trainer freezes the same blocks again
+    resumed = Trainer(make_cfg(*overrides, "train.max_steps=10"), tmp_path)
+    checkpoint.restore(resumed, final)
+    assert [n for n, p in resumed.model.named_parameters() if p.requires_grad] == [
+        n for n, _ in model.named_parameters() if n.startswith("blocks.3.")]
+
+
+def test_freeze_old_is_refused_without_llama_pro(make_cfg):
+    from msgrun.growth.engine import GrowthEngine
+    from msgrun.train import final_model_args
+    cfg = make_cfg("experiment=solar", "operator.freeze_old=true")
+    with pytest.raises(ConfigError, match="operator.freeze_old"):
+        GrowthEngine(cfg, final_model_args(cfg.model, 256))

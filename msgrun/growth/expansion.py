@@ -79,6 +79,18 @@ def check_depth(method: str, old: int, new: int, family: str, where: str) -> Non
                           f"{limit} layers from {old}. Split the growth into more stages.")
 
 
+def new_blocks(method: str, old: int, new: int) -> list[int]:
+    """Indices of the blocks an identity-entry expansion added (LLaMA-Pro trains only these)."""
+    return [i for i, z in enumerate(layer_sources(method, old, new)[1]) if z]
+
+
+def check_options(cfg, methods: dict) -> None:
+    if cfg.freeze_old and methods["layers"] != "llama_pro":
+        raise ConfigError(f"operator.freeze_old=true trains only the blocks a LLaMA-Pro expansion added, but "
+                          f"operator.layers = {methods['layers']!r}; set operator.layers=llama_pro or "
+                          "operator.freeze_old=false.")
+
+
 @torch.no_grad()
 def zero_output_projections(model, zeroed: list[bool]) -> None:
     """The listed blocks' branch outputs become 0: in a pre-norm block, the identity."""

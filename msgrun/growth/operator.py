@@ -114,6 +114,7 @@ class GrowthOperator:
             raise ConfigError(f"operator.variant = {cfg.variant!r}; choose fpi or aki.")
         if cfg.variant == "aki":  # bert2BERT's switch: AKI wherever FPI would copy heads or FFN units
             self.methods.update({d: "aki" for d in ("heads", "ffn") if self.methods[d] == "fpi"})
+        expansion.check_options(cfg, self.methods)
         if self.methods["seq_len"] == "pool" and (family != "bert" or pos != "learned"):
             raise ConfigError(
                 f"operator.seq_len=pool needs model.family=bert with model.pos=learned (this model: family={family}, "
