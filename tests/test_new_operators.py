@@ -269,3 +269,15 @@ def test_freeze_old_is_refused_without_llama_pro(make_cfg):
     cfg = make_cfg("experiment=solar", "operator.freeze_old=true")
     with pytest.raises(ConfigError, match="operator.freeze_old"):
         GrowthEngine(cfg, final_model_args(cfg.model, 256))
+
+
+def test_lemon_lr_recipe_keeps_the_peak_and_decays_faster():
+    from msgrun.optim import LEMON_DECAY_SPAN, LRSchedule
+    cfg = OptimConfig(warmup_steps=10, decay="cosine", min_lr_ratio=0.1)
+    lr = LRSchedule.create(1.0, cfg, 100)
+    assert lr(40, 0.4) < 0.9  # decayed before the event
+    lr.on_growth("lemon", 40, 0.4, 100)
+    assert lr(40, 0.4) == pytest.approx(1.0)  # back to the peak, no warmup
+    end = 0.4 + 0.6 * LEMON_DECAY_SPAN
+    assert lr(69, end - 0.01) > 0.1 and lr(70, end) == pytest.approx(0.1) and lr(99, 0.99) == pytest.approx(0.1)
+    assert lr(55, 0.4 + 0.3 * LEMON_DECAY_SPAN) == pytest.approx(0.55)  # half-way down the cosine

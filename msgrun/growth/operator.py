@@ -68,7 +68,7 @@ CHOICES = {
     "mapping": ("random", "left"),
     "optimizer_state": ("carry", "reset"),
     "new_moments": ("zero", "mean"),
-    "lr_policy": ("continue", "rewind", "restart"),
+    "lr_policy": ("continue", "rewind", "restart", "lemon"),
     "rescale": ("none", "inverse_keep_prob"),
 }
 
