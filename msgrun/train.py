@@ -125,6 +125,7 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         self.preflight = run_preflight(self)  # before the run directory is touched
+        self.engine.operator.fit_data = self.fit_batches  # LiGO fits on data (not in the pre-flight)
         resumed = checkpoint.prepare_run_dir(self, cfg.train.resume)
         self._wrap()
         if self.is_main:
@@ -300,6 +301,14 @@ class Trainer:
         w["seconds"] += time.perf_counter() - t0
         self.lr = lr
 
+    def fit_batches(self, k: int) -> list[dict]:
+        """The micro-batches the k-th training step from now will read (LiGO fits its operator on
+        them; single process only)."""
+        layout, accum = self.engine.layout(self.engine.shape), self.cfg.train.grad_accum
+        T, micro_rows = layout.seq_len, layout.rows // accum
+        return [self.make_batch(self.tokens + (k * layout.rows + micro * micro_rows) * T, micro_rows, T)
+                for micro in range(accum)]
+
     def make_batch(self, offset: int, rows: int, T: int) -> dict:
         inputs, targets = self.stream.batch(offset, rows, T)
         if self.final_args.family == "bert":
@@ -399,7 +408,9 @@ class Trainer:
             "seconds_optimizer": result.seconds_optimizer,
             "flops_per_token_before": result.flops_per_token_before,
             "flops_per_token_after": result.flops_per_token_after,
+            "operator_flops": result.operator_flops,
         }
+        self.flops += result.operator_flops  # training compute (LiGO's fitting), already inside wall_time
         del old_model
         if self.is_main:
             self.growth_log.write(record)

@@ -153,6 +153,7 @@ NEW = {  # experiment: (growth events, function preserving)
     "solar": (1, False),
     "midas": (3, False),
     "lemon": (1, True),
+    "ligo": (1, False),
 }
 MODELS = ("gpt_tiny", "llama_tiny", "gpt_small", "gpt_medium", "llama_small", "bert_tiny", "bert_base", "bert_large")
 POST_NORM_REFUSED = {"llama_pro"}  # identity-entry depth needs pre-norm blocks
@@ -281,3 +282,81 @@ def test_lemon_lr_recipe_keeps_the_peak_and_decays_faster():
     end = 0.4 + 0.6 * LEMON_DECAY_SPAN
     assert lr(69, end - 0.01) > 0.1 and lr(70, end) == pytest.approx(0.1) and lr(99, 0.99) == pytest.approx(0.1)
     assert lr(55, 0.4 + 0.3 * LEMON_DECAY_SPAN) == pytest.approx(0.55)  # half-way down the cosine
+
+
+# ---------------------------------------------------------------------------- LiGO
+def ligo_data(family, rows=2):
+    """Fitting batches: two micro-batches per step, different per step."""
+    from test_operators import SEQ, VOCAB
+
+    def data(k):
+        out = []
+        for micro in range(2):
+            idx = torch.randint(3, VOCAB, (rows, SEQ), generator=torch.Generator().manual_seed(10 * k + micro))
+            if family == "bert":
+                out.append({"inputs": idx, "targets": idx[:, :3], "positions": torch.tensor([[0, 5, 23]] * rows)})
+            else:
+                out.append({"inputs": idx, "targets": idx})
+        return out
+    return data
+
+
+@archs
+def test_ligo_charges_exactly_the_flops_its_fitting_executes(arch):
+    from dataclasses import replace
+    from torch.utils.flop_counter import FlopCounterMode
+    from msgrun.growth import ligo
+    from msgrun.growth.engine import exact_numerics
+    model = make_model(arch, hidden=64)
+    new = replace(model.args, layers=5, hidden=96, heads=4, ffn=257)
+    with exact_numerics(), FlopCounterMode(display=False) as counter:  # math attention: scores are matmuls
+        grown, flops = ligo.fit(model, new, torch.Generator().manual_seed(0), 2, 1e-3, ligo_data(arch["family"]))
+    assert flops == counter.get_total_flops()
+    assert grown.args == new
+
+
+def test_ligo_fitting_lowers_the_grown_models_loss_on_its_data():
+    from dataclasses import replace
+    from msgrun.growth import ligo
+    model = make_model(FAMILIES["gpt_layernorm"], hidden=64)
+    new = replace(model.args, layers=5, hidden=96, heads=4, ffn=257)
+    data = ligo_data("gpt", rows=4)
+
+    def loss(m):
+        with torch.no_grad():
+            return sum(m(b["inputs"], b["targets"])[1].item() for b in data(0))
+
+    at_init, _ = ligo.fit(model, new, torch.Generator().manual_seed(0), 0, 1e-2, data)
+    fitted, _ = ligo.fit(model, new, torch.Generator().manual_seed(0), 8, 1e-2, lambda k: data(0))
+    assert loss(fitted) < loss(at_init) - 0.01
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["operator=ligo", "operator.layers=stack"], "does not compose"),
+    (["operator=ligo", "operator.ligo_steps=-1"], "ligo_steps"),
+    (["operator=ligo", "train.distributed=ddp"], "one process"),
+])
+def test_ligo_refusals(make_cfg, overrides, message):
+    from msgrun.growth.engine import GrowthEngine
+    from msgrun.train import final_model_args
+    cfg = make_cfg("schedule=all_at_once", *overrides)
+    with pytest.raises(ConfigError, match=message):
+        GrowthEngine(cfg, final_model_args(cfg.model, 256))
+
+
+def test_ligo_fitting_is_charged_to_the_run(make_cfg, tmp_path):
+    from msgrun.flops import train_flops
+    small = [o for o in SMALL if "ffn" not in o and "heads" not in o] + ["model.heads=4", "model.ffn=96"]
+    trainer, metrics, events = run(make_cfg, tmp_path, "experiment=ligo", "operator.ligo_steps=2", *small,
+                                   "model.layers=4", "schedule.stages.0.at_fraction=null",
+                                   "schedule.stages.0.at_step=3", "train.max_steps=6", "train.log_every=1",
+                                   "train.eval_every=6")
+    (event,) = events
+    rows, T = trainer.engine.layout(trainer.engine.shape).rows, trainer.cfg.model.seq_len
+    small_args = trainer.engine.operator.model_args(trainer.engine.shape_before(trainer.engine.stages[0]),
+                                                    trainer.final_args)
+    # two fitting steps cost at least two training steps of the grown model, plus the operator's matmuls
+    assert event["operator_flops"] > 2 * train_flops(trainer.model.args, rows, T)
+    jump = metrics[3]["flops"] - metrics[2]["flops"]  # the step after the event, with the fitting
+    assert jump == train_flops(trainer.model.args, rows, T) + event["operator_flops"]
+    assert metrics[2]["flops"] - metrics[1]["flops"] == train_flops(small_args, rows, T)

@@ -22,6 +22,8 @@ RUNS = {  # name: (overrides, steps to kill at)
                "schedule.stages.2.at_fraction=null", "schedule.stages.2.at_step=14"], [9]),
     "llama_pro": (["experiment=llama_pro", "schedule.stages.0.at_fraction=null", "schedule.stages.0.at_step=6"], [7]),
     "solar": (["experiment=solar", "schedule.stages.0.at_fraction=null", "schedule.stages.0.at_step=6"], [7]),
+    "ligo": (["experiment=ligo", "operator.ligo_steps=3", "schedule.stages.0.at_fraction=null",
+              "schedule.stages.0.at_step=6"], [5, 7]),
 }
 
 

@@ -50,6 +50,7 @@ class GrowthResult:
     seconds_optimizer: float
     flops_per_token_before: float
     flops_per_token_after: float
+    operator_flops: int = 0  # LiGO's fitting: training compute spent inside the event
 
 
 @dataclass
@@ -77,6 +78,10 @@ class GrowthEngine:
         if cfg.schedule.guideline == "gstack":
             stages = self.apply_gstack_guideline(start, stages)
         self.operator.check(start, stages, self.final_shape)
+        if "ligo" in self.operator.methods.values() and (world_size > 1 or tc.distributed != "none"):
+            raise ConfigError("operator=ligo fits its growth operator on one process's batches; under "
+                              f"train.distributed={tc.distributed} every rank would fit its own. Train LiGO on one "
+                              "process (train.distributed=none).")
         for shape in [start] + [stage.target for stage in stages]:
             check_rows(tc, self.layout(shape), world_size)
         self.trigger_steps = simulate_trigger_steps(start, stages, self.budget, self.flops_per_step)
@@ -158,7 +163,8 @@ class GrowthEngine:
         self.shape = after
         self.next_stage += 1
         return GrowthResult(grown_model, new_opt, before, after, *seconds, fpt_before,
-                            self.flops_per_step(after) / self.budget.tokens_per_step)
+                            self.flops_per_step(after) / self.budget.tokens_per_step,
+                            grown.operator_flops if grown is not None else 0)
 
     def build_grown(self, model: Transformer, optimizer, stage: Stage, gen: torch.Generator):
         """The operator's grown model and the optimizer with the moved state (nothing in the

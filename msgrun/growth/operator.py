@@ -44,7 +44,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from msgrun.errors import ConfigError
-from msgrun.growth import expansion, lemon
+from msgrun.growth import expansion, lemon, ligo
 from msgrun.growth.schedule import Shape, Stage
 from msgrun.growth.surgery import (Origin, UnitMap, grow_parameters, parameter_axes, transplant, unit_maps_for,
                                    unit_size)
@@ -58,9 +58,9 @@ METHODS = {
     "seq_len": ("warmup", "pool"),
 }
 # methods of issue 14 (LLaMA-Pro, SOLAR, MIDAS, LEMON): growth/expansion.py and growth/lemon.py
-METHODS["layers"] += expansion.DEPTH_METHODS
+METHODS["layers"] += expansion.DEPTH_METHODS + ("ligo",)
 for _d in ("hidden", "heads", "ffn"):
-    METHODS[_d] += ("lemon",)
+    METHODS[_d] += ("lemon", "ligo")
 COPYING = ("fpi", "aki", "tile")
 CHOICES = {
     "depth_init": ("copy", "random"),
@@ -79,6 +79,7 @@ class Grown:
     origins: dict[str, Origin]
     new_units: dict[str, torch.Tensor] = field(default_factory=dict)  # msg dims: entry-level indicators
     new_layers: list[bool] = field(default_factory=list)  # msg depth: layers that enter as identity
+    operator_flops: int = 0  # compute the operator itself trained (LiGO's fitting), charged to the run
 
 
 def layer_map(old: int, new: int, order: str) -> list[int]:
@@ -115,6 +116,8 @@ class GrowthOperator:
         if cfg.variant == "aki":  # bert2BERT's switch: AKI wherever FPI would copy heads or FFN units
             self.methods.update({d: "aki" for d in ("heads", "ffn") if self.methods[d] == "fpi"})
         expansion.check_options(cfg, self.methods)
+        ligo.check_options(cfg, self.methods)
+        self.fit_data = None  # LiGO: k -> the micro-batches of fitting step k (set by the trainer)
         if self.methods["seq_len"] == "pool" and (family != "bert" or pos != "learned"):
             raise ConfigError(
                 f"operator.seq_len=pool needs model.family=bert with model.pos=learned (this model: family={family}, "
@@ -224,6 +227,10 @@ class GrowthOperator:
         new_args = self.model_args(target, final)
         if self.methods["hidden"] == "lemon":
             new_args = lemon.grown_args(old_args, new_args)
+        if "ligo" in self.methods.values():  # one learned operator for every dimension (growth/ligo.py)
+            grown_model, flops = ligo.fit(model, new_args, gen, self.cfg.ligo_steps, self.cfg.ligo_lr, self.fit_data)
+            return Grown(grown_model, {name: Origin(None) for name, _ in grown_model.named_parameters()},
+                         operator_flops=flops)
         unit_maps = unit_maps_for(old_args, new_args, lambda d, o, n: self.unit_map(d, o, n, gen))
         layer_sources, _ = self.layer_plan(old_args.layers, new_args.layers)
         grown_model, origins = grow_parameters(model, new_args, unit_maps, layer_sources, gen)
