@@ -360,3 +360,21 @@ def test_ligo_fitting_is_charged_to_the_run(make_cfg, tmp_path):
     jump = metrics[3]["flops"] - metrics[2]["flops"]  # the step after the event, with the fitting
     assert jump == train_flops(trainer.model.args, rows, T) + event["operator_flops"]
     assert metrics[2]["flops"] - metrics[1]["flops"] == train_flops(small_args, rows, T)
+
+
+def test_operator_comparison_sweep_runs_each_experiment_with_its_own_operator(make_cfg):
+    """Every job of sweep=operator_comparison composes with its experiment's operator and passes the
+    engine's checks (the sweep once overrode every operator with `none`, refusing all but the baseline)."""
+    from pathlib import Path
+    from omegaconf import OmegaConf
+    from msgrun.growth.engine import GrowthEngine
+    from msgrun.train import final_model_args
+    sweep = OmegaConf.load(Path(__file__).parents[1] / "sweeps" / "operator_comparison.yaml")
+    experiments = sweep.hydra.sweeper.params.experiment.split(",")
+    assert set(NEW) <= set(experiments)
+    for exp in experiments:
+        cfg = make_cfg("sweep=operator_comparison", f"experiment={exp}")
+        expected = OmegaConf.load(Path(__file__).parents[1] / "conf" / "experiment" / f"{exp}.yaml").defaults
+        operator = [d["override /operator"] for d in expected if "override /operator" in d][0]
+        assert cfg.operator.name == operator, exp
+        GrowthEngine(cfg, final_model_args(cfg.model, 4096))

@@ -57,7 +57,7 @@ METHODS = {
     "ffn": ("msg", "fpi", "aki", "tile"),
     "seq_len": ("warmup", "pool"),
 }
-# methods of issue 14 (LLaMA-Pro, SOLAR, MIDAS, LEMON): growth/expansion.py and growth/lemon.py
+# methods of issue 14 (LLaMA-Pro, SOLAR, MIDAS, LEMON, LiGO): growth/expansion.py, lemon.py, ligo.py
 METHODS["layers"] += expansion.DEPTH_METHODS + ("ligo",)
 for _d in ("hidden", "heads", "ffn"):
     METHODS[_d] += ("lemon", "ligo")
