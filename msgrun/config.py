@@ -165,6 +165,10 @@ class OperatorConfig:
     new_layer_state: str = "fresh"  # fresh (new layers start with no AdamW state: MSG reference) | carry (source's)
     new_moments: str = "zero"  # zero (MSG reference) | mean (second moment from the source's mean)
     lr_policy: str = "continue"  # continue | rewind (MSG reference) | restart (fresh warmup)
+    # issue-14 operators (growth/expansion.py, growth/lemon.py)
+    freeze_old: bool = False  # layers=llama_pro: after the event only the new blocks train (LLaMA-Pro's recipe)
+    ligo_steps: int = 100  # LiGO: steps fitting the growth operator (training compute, charged to the run)
+    ligo_lr: float = 1e-3  # LiGO: Adam learning rate of the operator's fitting
 
 
 @dataclass

@@ -17,6 +17,9 @@ Conventions (written down once; every figure in metrics.jsonl follows them):
 * Only executed blocks count: a RaPTr step that runs 6 of 12 layers pays for 6.
 * Length pooling (BERT, `pool` > 1): the blocks run on T/pool + M tokens (M predicted), except
   that the first block's K/V projections and attention scores read all T + M input tokens.
+* Frozen weights (LLaMA-Pro's `operator.freeze_old`, gpt only): autograd computes no weight
+  gradient for them, and no backward at all below the lowest trainable block; see
+  `partially_frozen_train_flops`.
 * Evaluation, growth probes and operator work are not training FLOPs and are never added.
 """
 
@@ -63,6 +66,26 @@ def forward_flops(args: ModelArgs, batch: int, seq_len: int, layers_run: int | N
 
 
 def train_flops(args: ModelArgs, batch: int, seq_len: int, layers_run: int | None = None,
-                predicted_per_seq: int | None = None, pool: int = 1) -> int:
-    """Forward + backward FLOPs of one training batch."""
+                predicted_per_seq: int | None = None, pool: int = 1, trainable: list[int] | None = None) -> int:
+    """Forward + backward FLOPs of one training batch. `trainable`: only these blocks train (the
+    rest of the model is frozen)."""
+    if trainable is not None:
+        return partially_frozen_train_flops(args, batch, seq_len, trainable)
     return 3 * forward_flops(args, batch, seq_len, layers_run, predicted_per_seq, pool)
+
+
+def partially_frozen_train_flops(args: ModelArgs, batch: int, seq_len: int, trainable: list[int]) -> int:
+    """A causal model of which only the `trainable` blocks train (embeddings, other blocks, final
+    norm and head frozen). Backward runs from the head down to the lowest trainable block: there
+    every Linear computes its input gradient (1 x its forward) and, in trainable blocks only, its
+    weight gradient (1 x); the attention scores' two matmuls take both operands' gradients
+    (2 x); the frozen head computes its input gradient only. Below the lowest trainable block,
+    nothing runs backward (no input there needs a gradient)."""
+    assert args.family == "gpt" and trainable, "frozen blocks: causal models with some block training"
+    T = seq_len
+    scores = 2 * 2 * T * T * args.attn_width
+    linears = block_flops(args, T, T) - scores
+    head = T * 2 * head_matmul_params(args)
+    backward = head + sum(linears * (2 if i in trainable else 1) + 2 * scores
+                          for i in range(min(trainable), args.layers))
+    return batch * (forward_flops(args, 1, T) + backward)

@@ -26,6 +26,10 @@ Across a growth event:
             at its peak until the decay window, so there is nothing to rewind: no change.
 * restart:  G_stack's code's policy. A fresh warmup from the event, then a full decay over the
             rest of the budget (wsd: the same decay window).
+* lemon:    LEMON's recipe for an expanded model (Wang et al., ICLR 2024): back to the peak LR at
+            the event, without warmup, and an accelerated decay that reaches the minimum after
+            LEMON_DECAY_SPAN of the remaining budget, then stays there. The paper shortens the
+            expanded model's schedule; the fraction at this scale is ours.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from msgrun.errors import ConfigError
+
+LEMON_DECAY_SPAN = 0.5  # lr_policy=lemon: fraction of the remaining budget over which the LR decays
 
 
 def no_decay(name: str, p: torch.nn.Parameter) -> bool:
@@ -112,8 +118,11 @@ class LRSchedule:
             if self.decay != "wsd":
                 self.decay_start = None if self.warmup_steps else min(progress, 0.999)
                 self.decay_span = 1.0 - (self.decay_start or 0.0)
+        elif policy == "lemon":
+            self.warmup_start = step - self.warmup_steps  # no new warmup, and any running one ends
+            self.decay_start, self.decay_span = progress, max((1.0 - progress) * LEMON_DECAY_SPAN, 1e-9)
         elif policy != "continue":
-            raise ConfigError(f"operator.lr_policy = {policy!r}; choose one of continue, rewind, restart.")
+            raise ConfigError(f"operator.lr_policy = {policy!r}; choose one of continue, rewind, restart, lemon.")
 
     def state_dict(self) -> dict:
         return asdict(self)

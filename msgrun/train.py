@@ -137,6 +137,7 @@ class Trainer:
     def _run(self) -> dict:
         cfg = self.cfg
         self.preflight = run_preflight(self)  # before the run directory is touched
+        self.engine.operator.fit_data = self.fit_batches  # LiGO fits on data (not in the pre-flight)
         resumed = checkpoint.prepare_run_dir(self, cfg.train.resume)
         self._wrap()
         if self.is_main:
@@ -325,7 +326,7 @@ class Trainer:
             if self.device.type == "cuda" and self.step % tc.log_every == tc.log_every - 1:
                 torch.cuda.synchronize()  # the window's timing must include the queued work
         step_flops = train_flops(self.model.args, rows, T, len(layers) if layers is not None else None,
-                                 layout.predicted, layout.pool)
+                                 layout.predicted, layout.pool, self.engine.trainable_layers)
         self.step += 1
         self.tokens += rows * T
         self.flops += step_flops
@@ -339,6 +340,14 @@ class Trainer:
         w["flops"] += step_flops
         w["seconds"] += time.perf_counter() - t0
         self.lr = lr
+
+    def fit_batches(self, k: int) -> list[dict]:
+        """The micro-batches the k-th training step from now will read (LiGO fits its operator on
+        them; single process only)."""
+        layout, accum = self.engine.layout(self.engine.shape), self.cfg.train.grad_accum
+        T, micro_rows = layout.seq_len, layout.rows // accum
+        return [self.make_batch(self.tokens + (k * layout.rows + micro * micro_rows) * T, micro_rows, T)
+                for micro in range(accum)]
 
     def make_batch(self, offset: int, rows: int, T: int, ahead: int = 0) -> dict:
         """The batch at `offset` on the device; `ahead`: where the next step's batch starts."""
@@ -456,7 +465,9 @@ class Trainer:
             "seconds_optimizer": result.seconds_optimizer,
             "flops_per_token_before": result.flops_per_token_before,
             "flops_per_token_after": result.flops_per_token_after,
+            "operator_flops": result.operator_flops,
         }
+        self.flops += result.operator_flops  # training compute (LiGO's fitting), already inside wall_time
         del old_model
         if self.is_main:
             self.growth_log.write(record)

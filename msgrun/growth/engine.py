@@ -22,6 +22,7 @@ from msgrun.data import mlm_count
 from msgrun.distributed import seed_for
 from msgrun.errors import ConfigError
 from msgrun.flops import train_flops
+from msgrun.growth import expansion
 from msgrun.growth.masks import install_masks, remove_masks
 from msgrun.growth.operator import GrowthOperator
 from msgrun.growth.optim_transfer import transfer_adamw
@@ -52,6 +53,7 @@ class GrowthResult:
     seconds_optimizer: float
     flops_per_token_before: float
     flops_per_token_after: float
+    operator_flops: int = 0  # LiGO's fitting: training compute spent inside the event
 
 
 @dataclass
@@ -75,6 +77,7 @@ def masked_steps(ramp_steps: int, ramp_start: str) -> int:
 class GrowthEngine:
     def __init__(self, cfg, final_args: ModelArgs, world_size: int = 1):
         self.cfg, self.final_args = cfg, final_args
+        self.trainable_layers: list[int] | None = None  # LLaMA-Pro's freeze_old: the blocks that train
         tc = cfg.train
         self.final_shape = final_shape(cfg.model)
         self.operator = GrowthOperator(cfg.operator, cfg.model.family, cfg.model.pos)
@@ -84,6 +87,10 @@ class GrowthEngine:
         if cfg.schedule.guideline == "gstack":
             stages = self.apply_gstack_guideline(start, stages)
         self.operator.check(start, stages, self.final_shape)
+        if "ligo" in self.operator.methods.values() and (world_size > 1 or tc.distributed != "none"):
+            raise ConfigError("operator=ligo fits its growth operator on one process's batches; under "
+                              f"train.distributed={tc.distributed} every rank would fit its own. Train LiGO on one "
+                              "process (train.distributed=none).")
         for shape in [start] + [stage.target for stage in stages]:
             check_rows(tc, self.layout(shape), world_size)
         self.trigger_steps = simulate_trigger_steps(start, stages, self.budget, self.flops_per_step)
@@ -116,7 +123,8 @@ class GrowthEngine:
         args = self.operator.model_args(shape, self.final_args)
         layers_run = shape.layers if self.operator.raptr else None  # RaPTr: expected path length
         lay = self.layout(shape)
-        return train_flops(args, lay.rows, lay.seq_len, layers_run, lay.predicted, lay.pool)
+        return train_flops(args, lay.rows, lay.seq_len, layers_run, lay.predicted, lay.pool,
+                           self.trainable_layers if self.trainable_layers and shape == self.shape else None)
 
     def apply_gstack_guideline(self, start: Shape, stages: list[Stage]) -> list[Stage]:
         """Replace the single depth stage's trigger by G_stack's formula, or refuse."""
@@ -159,12 +167,16 @@ class GrowthEngine:
         grown_model, new_opt, grown, seconds = self.build_grown(model, optimizer, stage, gen)
         if self.paths is not None:
             self.paths.set_length(after.layers)
+        if self.operator.cfg.freeze_old and grown is not None and after.layers != before.layers:
+            self.trainable_layers = expansion.new_blocks(self.operator.methods["layers"], before.layers, after.layers)
+        self.apply_freeze(grown_model)
         if grown is not None and (grown.new_units or any(grown.new_layers)):
             self.install_ramp(grown_model, grown.new_units, grown.new_layers, stage.index, step)
         self.shape = after
         self.next_stage += 1
         return GrowthResult(grown_model, new_opt, before, after, *seconds, fpt_before,
-                            self.flops_per_step(after) / self.budget.tokens_per_step)
+                            self.flops_per_step(after) / self.budget.tokens_per_step,
+                            grown.operator_flops if grown is not None else 0)
 
     def build_grown(self, model: Transformer, optimizer, stage: Stage, gen: torch.Generator):
         """The operator's grown model and the optimizer with the moved state (nothing in the
@@ -182,6 +194,12 @@ class GrowthEngine:
         new_opt = transfer_adamw(optimizer, model, grown.model, grown.origins, self.operator.cfg, self.cfg.optim,
                                  model_device(model).type, fresh_layers=fresh)
         return grown.model, new_opt, grown, (t1 - t0, time.perf_counter() - t1)
+
+    def apply_freeze(self, model: Transformer) -> None:
+        """LLaMA-Pro's recipe (operator.freeze_old): only the newest expansion's blocks train."""
+        if self.trainable_layers is not None:
+            for name, p in model.named_parameters():
+                p.requires_grad_(any(name.startswith(f"blocks.{i}.") for i in self.trainable_layers))
 
     def shape_before(self, stage: Stage) -> Shape:
         return self.stages[stage.index - 1].target if stage.index > 0 else self.start
@@ -222,18 +240,21 @@ class GrowthEngine:
     def state_dict(self) -> dict:
         return {"next_stage": self.next_stage, "shape": self.shape.as_dict(),
                 "ramp": None if self.ramp is None else {"stage": self.ramp.stage, "start_step": self.ramp.start_step},
-                "path_length": None if self.paths is None else self.paths.length}
+                "path_length": None if self.paths is None else self.paths.length,
+                "trainable_layers": self.trainable_layers}
 
     def load_state_dict(self, state: dict) -> None:
         self.next_stage = state["next_stage"]
         self.shape = Shape(**state["shape"])
+        self.trainable_layers = state.get("trainable_layers")
         if self.paths is not None and state["path_length"] is not None:
             self.paths.set_length(state["path_length"])
 
     def restore_ramp(self, model: Transformer, state: dict) -> None:
         """Re-install the masks of an interrupted ramp into a model rebuilt at the grown shape:
         which units and layers are new follows from the event's shapes (MSG appends new units;
-        the layer order is deterministic)."""
+        the layer order is deterministic). Frozen blocks (operator.freeze_old) are frozen again."""
+        self.apply_freeze(model)
         ramp = state.get("ramp")
         if ramp is None:
             return

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from msgrun.errors import ConfigError
+from msgrun.growth import expansion, lemon, ligo
 from msgrun.growth.schedule import Shape, Stage, check_ramp_steps
 from msgrun.growth.surgery import (Origin, UnitMap, grow_parameters, parameter_axes, transplant, unit_maps_for,
                                    unit_size)
@@ -61,6 +62,10 @@ METHODS = {
     "ffn": ("msg", "fpi", "aki", "tile"),
     "seq_len": ("warmup", "pool", "auto"),
 }
+# methods of issue 14 (LLaMA-Pro, SOLAR, MIDAS, LEMON, LiGO): growth/expansion.py, lemon.py, ligo.py
+METHODS["layers"] += expansion.DEPTH_METHODS + ("ligo",)
+for _d in ("hidden", "heads", "ffn"):
+    METHODS[_d] += ("lemon", "ligo")
 COPYING = ("fpi", "aki", "tile")
 CHOICES = {
     "depth_init": ("copy", "random"),
@@ -68,7 +73,7 @@ CHOICES = {
     "mapping": ("random", "left"),
     "optimizer_state": ("carry", "reset"),
     "new_moments": ("zero", "mean"),
-    "lr_policy": ("continue", "rewind", "restart"),
+    "lr_policy": ("continue", "rewind", "restart", "lemon"),
     "rescale": ("none", "inverse_keep_prob"),
     "depth_remainder": ("top", "bottom", "refuse"),
     "new_layer_state": ("fresh", "carry"),
@@ -84,6 +89,7 @@ class Grown:
     new_units: dict[str, torch.Tensor] = field(default_factory=dict)  # msg dims: entry-level indicators
     new_layers: list[bool] = field(default_factory=list)  # msg depth: layers that enter as identity
     copied_layers: list[bool] = field(default_factory=list)  # any depth growth: layers that are not originals
+    operator_flops: int = 0  # compute the operator itself trained (LiGO's fitting), charged to the run
 
 
 def layer_map(old: int, new: int, order: str, remainder: str = "top") -> list[int]:
@@ -133,6 +139,9 @@ class GrowthOperator:
                 "placement masks new heads' q, k and v, but length pooling's first layer computes its keys and "
                 "values from the unpooled input outside that mask. Use operator.mask_placement=ours (new heads "
                 "masked at the output projection) with length pooling.")
+        expansion.check_options(cfg, self.methods)
+        ligo.check_options(cfg, self.methods)
+        self.fit_data = None  # LiGO: k -> the micro-batches of fitting step k (set by the trainer)
         if self.methods["seq_len"] == "pool" and (family != "bert" or pos != "learned"):
             raise ConfigError(
                 f"operator.seq_len=pool needs model.family=bert with model.pos=learned (this model: family={family}, "
@@ -178,6 +187,10 @@ class GrowthOperator:
                         "whole trained model g times). Choose sizes with an integer ratio (schedule.depth_factor sets "
                         "the start depth to model.layers / g), or operator.depth_remainder=top | bottom to copy "
                         "part of the stack.")
+                if d == "layers" and method in expansion.DEPTH_METHODS:
+                    expansion.check_depth(method, old, new, self.family, stage.describe())
+                if method == "lemon" and d != "layers":
+                    lemon.check_width(d, old, new, self.family, stage.describe())
                 if method == "aki" and d == "hidden":
                     raise ConfigError("operator.hidden=aki: AKI mixes in the next layer's units, which has no "
                                       "meaning for the residual width shared by all layers; use fpi for hidden.")
@@ -207,6 +220,8 @@ class GrowthOperator:
             return UnitMap.append_new(old, new)
         if method == "tile":
             return UnitMap.from_sources(torch.arange(new) % old)
+        if method == "lemon":
+            return lemon.unit_map(dim, old, new, self.cfg.symmetry_noise, gen)
         # fpi / aki: originals stay in place; each new unit copies a source unit
         extra = new - old
         if self.cfg.mapping == "left":
@@ -222,6 +237,9 @@ class GrowthOperator:
         rebuilt on resume."""
         if new_layers == old_layers:
             return list(range(old_layers)), [False] * old_layers, [False] * old_layers
+        if self.methods["layers"] in expansion.DEPTH_METHODS:  # copies without masks (growth/expansion.py)
+            sources = expansion.layer_sources(self.methods["layers"], old_layers, new_layers)[0]
+            return sources, [False] * new_layers, [not k for k in first_occurrences(sources)]
         sources = layer_map(old_layers, new_layers, self.cfg.depth_order, self.cfg.depth_remainder)
         kept = first_occurrences(sources)
         msg = self.methods["layers"] == "msg"
@@ -241,6 +259,12 @@ class GrowthOperator:
     def grow(self, model: Transformer, target: Shape, final: ModelArgs, gen: torch.Generator) -> Grown:
         old_args = model.args
         new_args = self.model_args(target, final)
+        if self.methods["hidden"] == "lemon":
+            new_args = lemon.grown_args(old_args, new_args)
+        if "ligo" in self.methods.values():  # one learned operator for every dimension (growth/ligo.py)
+            grown_model, flops = ligo.fit(model, new_args, gen, self.cfg.ligo_steps, self.cfg.ligo_lr, self.fit_data)
+            return Grown(grown_model, {name: Origin(None) for name, _ in grown_model.named_parameters()},
+                         operator_flops=flops)
         unit_maps = unit_maps_for(old_args, new_args, lambda d, o, n: self.unit_map(d, o, n, gen))
         layer_sources, _, copied = self.layer_plan(old_args.layers, new_args.layers)
         grown_model, origins = grow_parameters(model, new_args, unit_maps, layer_sources, gen)
@@ -249,6 +273,11 @@ class GrowthOperator:
                 take_from_next_layer(grown_model, model, d, origins)
             if self.methods[d] in COPYING and self.cfg.symmetry_noise > 0:
                 break_symmetry(grown_model, d, um, self.cfg.symmetry_noise, gen)
+        if "hidden" in unit_maps and self.methods["hidden"] == "lemon":
+            lemon.finish_hidden(grown_model, old_args.hidden)
+        if self.methods["layers"] in expansion.IDENTITY_ENTRY and new_args.layers != old_args.layers:
+            expansion.zero_output_projections(
+                grown_model, expansion.layer_sources(self.methods["layers"], old_args.layers, new_args.layers)[1])
         new_units, new_layers = self.mask_plan(old_args, new_args)
         return Grown(grown_model, origins, new_units, new_layers, copied)
 
