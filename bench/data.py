@@ -56,8 +56,21 @@ def write_llmc(path: Path, n: int, seed: int) -> None:
             left -= k
 
 
+# Runs a module as __main__ and prints its peak RSS at exit. The child's own VmHWM, not wait4's
+# ru_maxrss: that one also counts the image forked from this (large, after section 2) process.
+_PEAK = ("import atexit, runpy, sys\n"
+         "def peak():\n"
+         "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')]\n"
+         "    print('VmHWM-kB', hwm[0].split()[1] if hwm else -1, flush=True)\n"
+         "atexit.register(peak)\n"
+         "sys.argv = sys.argv[1:]\n"
+         "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
+
+
 def run_measured(cmd: list[str], env: dict) -> tuple[float, float, str]:
-    """(peak RSS in MB, wall seconds, output) of a child process."""
+    """(peak RSS in MB, wall seconds, output) of `python -m module args...` in a child process."""
+    assert cmd[:2] == [sys.executable, "-m"]
+    cmd = [sys.executable, "-c", _PEAK, *cmd[2:]]
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -69,7 +82,8 @@ def run_measured(cmd: list[str], env: dict) -> tuple[float, float, str]:
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out[-3000:]}")
-    return usage.ru_maxrss / 1024, time.perf_counter() - t0, out
+    kb = re.findall(r"^VmHWM-kB (\d+)", out, re.M)
+    return (int(kb[-1]) if kb else usage.ru_maxrss) / 1024, time.perf_counter() - t0, out
 
 
 def train_cmd(train_glob: str, val_glob: str, run_dir: Path, cache: Path, steps: int, model: str) -> list[str]:
