@@ -58,7 +58,8 @@ def run_preflight(trainer) -> dict | None:
                 reset_peak(cuda)
                 model, optimizer, grown, _ = engine.build_grown(model, optimizer, last, gen)
                 if grown is not None and (grown.new_units or any(grown.new_layers)):
-                    install_masks(model, torch.zeros((), device=device), grown.new_units, grown.new_layers)
+                    install_masks(model, torch.zeros((), device=device), grown.new_units, grown.new_layers,
+                                  engine.operator.cfg.mask_placement)
                 report["growth_peak_bytes"] = peak(cuda)
             phase = f"one training step at the final shape ({micro_rows} sequences per micro-batch)"
             reset_peak(cuda)
