@@ -139,3 +139,30 @@ def test_cli_refuses_lm_eval_on_bert_with_exit_code_2(tmp_path, cache_dir):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "needs a causal model" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_evaluate_like_one(tmp_path, cache_dir, texts, mode):
+    """Every rank computes the perplexity (FSDP's forward is a collective), rank 0 runs lm-eval on
+    the gathered weights, and the results match a single process's."""
+    import shutil
+
+    from conftest import FAST
+
+    common = [*FAST, "train.threads=1", "model.layers=2", "model.hidden=64", "model.heads=2", "model.ffn=128",
+              "model.seq_len=32", "train.max_steps=6", "eval=example",
+              f"+eval.perplexity.real={{name: files, paths: ['{texts / 'real.py'}']}}", f"data.cache_dir={cache_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    summaries = []
+    for name, launcher in (("one", [sys.executable, "-m", "msgrun"]),
+                           ("two", [torchrun, "--standalone", "--nproc_per_node=2", "-m", "msgrun",
+                                    f"train.distributed={mode}"])):
+        r = subprocess.run([*launcher, *common, f"hydra.run.dir={tmp_path / name}"], env=env, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        summaries.append(json.loads((tmp_path / name / "summary.json").read_text()))
+    keys = {k for k in summaries[0] if k.startswith("eval/")}
+    assert {"eval/real/ppl", "eval/msgrun_pycode/acc"} <= keys and keys == {k for k in summaries[1] if k.startswith("eval/")}
+    for k in keys:
+        assert summaries[1][k] == pytest.approx(summaries[0][k], rel=1e-3), k
