@@ -24,8 +24,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA DEVICE')"
 date -u
-# msgrun itself, editable (its Hydra configs ship as the package msgrun.conf); no index, no deps
-$PY -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3
+# msgrun from this tree, uninstalled (no index there, and an editable build needs `wheel`): the
+# Hydra configs ship as the package msgrun.conf (pyproject's package-dir maps it to conf/), so a
+# link msgrun/conf -> ../conf stands in for the install, removed again at exit
+export PYTHONPATH="$PWD:$PYTHONPATH"
+if ! $PY -c "import msgrun.conf" 2>/dev/null; then
+    ln -s ../conf msgrun/conf && trap 'rm -f msgrun/conf' EXIT
+fi
+$PY -c "import msgrun.conf, hydra, omegaconf; print('msgrun from', msgrun.conf.__path__[0])" || exit 1
 
 stamp "part 1: correctness on CUDA (pytest -m gpu, limit 210 s)"
 timeout 210 $PY -m pytest -q -m gpu -p no:cacheprovider -rs --durations=8 tests/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.txt"

@@ -103,6 +103,9 @@ def main() -> None:
     def emit(text: str = "") -> None:
         print(text, flush=True)
         lines.append(text)
+        if opts.out:  # rewritten at every line: a run stopped at its time limit keeps what it measured
+            opts.out.parent.mkdir(parents=True, exist_ok=True)
+            opts.out.write_text("\n".join(lines) + "\n")
 
     prov = collect(torch.device("cuda" if cuda else "cpu"), 1)
     emit(f"Command: `python {' '.join(sys.argv)}`  ")
@@ -178,8 +181,6 @@ def main() -> None:
     for goal, measured, met in goals:
         emit(f"| {goal} | {measured} | {'met' if met else 'missed'} |")
     if opts.out:
-        opts.out.parent.mkdir(parents=True, exist_ok=True)
-        opts.out.write_text("\n".join(lines) + "\n")
         print(f"written to {opts.out}")
 
 

@@ -301,8 +301,8 @@ class Transformer(nn.Module):
         loss: one unit, compiled on its own under train.compile (compile_units).
 
         `with_logits=False` (the training step) keeps the logits inside the unit. The logits are
-        the step's largest tensor (B*T*V; 64 MB in fp32 for gpt_tiny's default batch, 1.6 GB in
-        bf16 for gpt_small's). Compiled, the loss's backward writes the logits' gradient into
+        the step's largest tensor (B*T*V: 64 MB in fp32 for gpt_tiny's default CPU batch, 1.6 GB
+        in bf16 for 16 x 1024 tokens and GPT-2's 50k vocabulary). Compiled, the loss's backward writes the logits' gradient into
         their own buffer in place, unless the logits are also an output the caller may still
         hold: then every step allocates a second buffer of that size; returned as a
         differentiable output they would moreover get a zero-filled gradient of that size each

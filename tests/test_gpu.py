@@ -103,6 +103,29 @@ def test_msg_is_function_preserving_on_cuda(arch, growth):
 
 
 # ---------------------------------------------------------------------------- compiled training
+def test_compiled_step_runs_the_loss_in_a_compiled_unit_and_leaves_the_logits_in_it(compiled_on, make_cfg, tmp_path):
+    """The loss (log-softmax over B*T*V logits, forward and backward) is where per-block
+    compiling lost to compiling the whole model (issue 18): the head is a compiled unit of its
+    own, and the training step does not take the logits out of it (a compiled unit returning
+    them gets a zero-filled logits-sized gradient and a second logits-sized buffer per step)."""
+    cfg = make_cfg(*compiled_on("cpu"), *SMALL, "train.max_steps=2")
+    trainer = Trainer(cfg, tmp_path)
+    trainer._wrap()
+    compiled_head = trainer.model.__dict__.get("head")
+    assert compiled_head is not None, "the head is not compiled"
+    returned = []
+
+    def head(*args, **kwargs):
+        out = compiled_head(*args, **kwargs)
+        returned.append(out[0])
+        return out
+
+    trainer.model.head = head
+    trainer.train_step()
+    assert returned == [None]
+    assert counters["stats"]["unique_graphs"] == 2  # the block graph, shared by all blocks, and the head's
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_training_recompiles_once_per_phase_not_per_step(device, compiled_on, make_cfg, tmp_path):
     """A compiled run through a depth event and a width event, each followed by an MSG ramp,
