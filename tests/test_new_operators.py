@@ -14,7 +14,6 @@ from msgrun.growth.optim_transfer import transfer_adamw
 from msgrun.config import OptimConfig
 from msgrun.optim import build_adamw
 
-from conftest import read_jsonl
 from test_operators import CHANGED, EXACT, FAMILIES, SMALL, grow, logit_diff, make_model, operator, run
 
 PRE_NORM = {k: v for k, v in FAMILIES.items() if k != "bert"}

@@ -66,8 +66,8 @@ def check_depth(method: str, old: int, new: int, family: str, where: str) -> Non
     """Refuse, before training, a depth growth the method cannot do."""
     if method in IDENTITY_ENTRY and family != "gpt":
         raise ConfigError(
-            f"{where} grows layers {old} -> {new} with operator.layers={method}, whose new blocks enter as the identity "
-            "through zeroed output projections; that holds in a pre-norm block only, and model.family="
+            f"{where} grows layers {old} -> {new} with operator.layers={method}, whose new blocks enter as the "
+            "identity through zeroed output projections; that holds in a pre-norm block only, and model.family="
             f"{family} is post-norm (norm(x + 0) is not x). Use operator.layers=msg for an exact depth growth of "
             "a post-norm model, or stack for a copying one.")
     limit = {"llama_pro": 2 * old, "solar": 2 * old, "midas": 2 * old}.get(method)
