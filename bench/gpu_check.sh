@@ -33,14 +33,22 @@ if ! $PY -c "import msgrun.conf" 2>/dev/null; then
 fi
 $PY -c "import msgrun.conf, hydra, omegaconf; print('msgrun from', msgrun.conf.__path__[0])" || exit 1
 
-stamp "part 1: correctness on CUDA (pytest -m gpu, limit 210 s)"
-timeout 210 $PY -m pytest -q -m gpu -p no:cacheprovider -rs --durations=8 tests/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.txt"
-echo "pytest exit: ${PIPESTATUS[0]}"
+# a second, short run redoes one part: PARTS=1 (with PYTEST_ARGS="-k resume", say) or PARTS=2
+PARTS=" ${PARTS:-1 2} "
+if [[ $PARTS == *" 1 "* ]]; then
+    stamp "part 1: correctness on CUDA (pytest -m gpu, limit 210 s)"
+    timeout 210 $PY -m pytest -q -m gpu -p no:cacheprovider -rs --durations=8 tests/test_gpu.py ${PYTEST_ARGS:-} 2>&1 \
+        | tee "$OUT/pytest_gpu.txt"
+    echo "pytest exit: ${PIPESTATUS[0]}"
+fi
 
-stamp "part 2: speed against the goals (bench/gpu_goals.py, limit 270 s)"
-# GOALS_ARGS: extra arguments, e.g. a CPU dry run of this script (docs/gpu.md)
-timeout 270 $PY bench/gpu_goals.py --out "$OUT/gpu_goals.md" --profile "$OUT/profile.txt" ${GOALS_ARGS:-} 2>&1 | tee "$OUT/gpu_goals.txt"
-echo "gpu_goals exit: ${PIPESTATUS[0]}"
+if [[ $PARTS == *" 2 "* ]]; then
+    stamp "part 2: speed against the goals (bench/gpu_goals.py, limit 270 s)"
+    # GOALS_ARGS: extra arguments (fewer steps on a rerun; tiny shapes for a CPU dry run, docs/gpu.md)
+    timeout 270 $PY bench/gpu_goals.py --out "$OUT/gpu_goals.md" --profile "$OUT/profile.txt" ${GOALS_ARGS:-} 2>&1 \
+        | tee "$OUT/gpu_goals.txt"
+    echo "gpu_goals exit: ${PIPESTATUS[0]}"
+fi
 
 stamp "done; goals:"
 sed -n '/## Goals/,$p' "$OUT/gpu_goals.md" 2>/dev/null || echo "(gpu_goals.md was not written: see gpu_goals.txt)"

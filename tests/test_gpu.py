@@ -184,7 +184,7 @@ def test_preflight_reports_peak_memory_on_cuda(make_cfg, tmp_path):
     assert report["step_peak_bytes"] < torch.cuda.get_device_properties(0).total_memory
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", [CUDA])  # on the CPU, tests/test_resume.py kills and resumes real runs
 def test_resume_reproduces_the_next_losses(device, make_cfg, tmp_path):
     """A run checkpointed at step 5 (in an MSG ramp, with dropout) and resumed there (the newer
     checkpoints removed) logs the same next 5 losses as the run that went on, through the
@@ -207,7 +207,6 @@ def test_resume_reproduces_the_next_losses(device, make_cfg, tmp_path):
     losses = {name: [(m["step"], m["loss"]) for m in read_jsonl(d / "metrics.jsonl") if m["step"] > 5]
               for name, d in (("whole", whole), ("resumed", resumed))}
     assert [s for s, _ in losses["resumed"]] == [6, 7, 8, 9, 10]
-    if device == "cpu":
-        assert losses["resumed"] == losses["whole"]
-    else:  # should be bitwise too; a tolerance keeps a nondeterministic CUDA kernel apart from a resume bug
-        assert [loss for _, loss in losses["resumed"]] == pytest.approx([loss for _, loss in losses["whole"]], rel=1e-5)
+    # bitwise is expected; the tolerance tells a nondeterministic CUDA kernel (tiny differences)
+    # apart from a resume bug (differences at the size of a training step's change)
+    assert [loss for _, loss in losses["resumed"]] == pytest.approx([loss for _, loss in losses["whole"]], rel=1e-5)
