@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from msgrun.config import DataConfig
-from msgrun.data import DataError, TokenStream, Tokens, fixed_eval_batches, open_shards, prepare_data, read_shard
+from msgrun.data import DataError, TokenStream, fixed_eval_batches, open_shards, prepare_data, read_shard
 from msgrun.data.loader import BatchLoader
 from msgrun.data.prepare import prepare_shards
 from msgrun.data.shards import ShardWriter
