@@ -100,7 +100,7 @@ class Downstream:
         if src.join:  # one text (e.g. wikitext rows are lines of one article stream)
             texts = ["".join(texts)]
         tok, _ = data.load_tokenizer(self.corpus.tokenizer_path)
-        tokens, _ = data._encode_documents(tok, texts, self.corpus.eot_id, self.corpus.train.dtype)
+        tokens = data.Tokens(data.encode_texts(tok, texts, self.corpus.eot_id, self.corpus.train.dtype))
         held_out = dataclasses.replace(self.corpus, val=tokens)
         try:
             return data.fixed_eval_batches(held_out, self.seq_len, min(batch_size, 16), src.max_tokens,

@@ -245,7 +245,7 @@ def max_logit_diff(model: Transformer, hf, tokens: torch.Tensor) -> float:
 
 def special_ids(tokenizer_path: str) -> dict:
     tok, _ = data.load_tokenizer(tokenizer_path)
-    eot, mask, pad = data._special_ids(tok, tokenizer_path)
+    eot, mask, pad = data.special_ids(tok, tokenizer_path)
     return {"eot": eot, "mask": mask, "pad": pad}
 
 

@@ -27,7 +27,8 @@ pytest.importorskip("lm_eval")
 TASK = Path(__file__).parents[1] / "msgrun" / "eval_tasks" / "msgrun_pycode" / "msgrun_pycode.jsonl"
 SMALL = ["model.layers=2", "model.hidden=64", "model.heads=2", "model.head_dim=32", "model.ffn=160", "model.seq_len=32",
          "model.dropout=0.1", "train.max_steps=10", "train.eval_every=10", "schedule=layers_only", "operator=msg",
-         "operator.ramp_steps=2", "schedule.stages.0.at_fraction=null", "schedule.stages.0.at_step=3"]
+         "operator.ramp_steps=2", "operator.ramp_start=increment",  # the ramp is over before step 5's lm-eval
+         "schedule.stages.0.at_fraction=null", "schedule.stages.0.at_step=3"]
 
 
 @pytest.fixture(scope="module")

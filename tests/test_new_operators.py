@@ -274,9 +274,11 @@ def test_freeze_old_is_refused_without_llama_pro(make_cfg):
 def test_lemon_lr_recipe_keeps_the_peak_and_decays_faster():
     from msgrun.optim import LEMON_DECAY_SPAN, LRSchedule
     cfg = OptimConfig(warmup_steps=10, decay="cosine", min_lr_ratio=0.1)
-    lr = LRSchedule.create(1.0, cfg, 100)
+    lr = LRSchedule.create(1.0, cfg)
+    for step in range(40):  # once per step, in order, as the training loop calls it
+        lr(step, step / 100)
     assert lr(40, 0.4) < 0.9  # decayed before the event
-    lr.on_growth("lemon", 40, 0.4, 100)
+    lr.on_growth("lemon", 40, 0.4)
     assert lr(40, 0.4) == pytest.approx(1.0)  # back to the peak, no warmup
     end = 0.4 + 0.6 * LEMON_DECAY_SPAN
     assert lr(69, end - 0.01) > 0.1 and lr(70, end) == pytest.approx(0.1) and lr(99, 0.99) == pytest.approx(0.1)

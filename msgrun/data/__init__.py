@@ -30,10 +30,11 @@ from msgrun.data.masking import mlm_batch, mlm_count, target_bytes
 from msgrun.data.sources import SOURCES, Document, list_documents, split_documents
 from msgrun.data.shards import Tokens, read_shard
 from msgrun.data.stream import TokenStream
-from msgrun.data.tokenizer import SPECIAL_TOKENS, load_tokenizer
+from msgrun.data.tokenizer import EOT, MASK, PAD, SPECIAL_TOKENS, encode_texts, load_tokenizer, special_ids
 
 __all__ = [
-    "BatchLoader", "Corpus", "DataError", "Document", "SOURCES", "SPECIAL_TOKENS", "TokenStream", "Tokens", "fixed_eval_batches",
-    "list_documents", "load_tokenizer", "mlm_batch", "mlm_count", "open_shards", "prepare_data", "read_shard",
-    "split_documents", "target_bytes",
+    "BatchLoader", "Corpus", "DataError", "Document", "encode_texts", "EOT", "fixed_eval_batches",
+    "list_documents", "load_tokenizer", "MASK", "mlm_batch", "mlm_count", "open_shards", "PAD",
+    "prepare_data", "read_shard", "SOURCES", "special_ids", "SPECIAL_TOKENS", "split_documents",
+    "target_bytes", "Tokens", "TokenStream",
 ]

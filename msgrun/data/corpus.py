@@ -29,7 +29,7 @@ from msgrun.data.common import DataError, _atomic_write, _mb
 from msgrun.data.shards import RAW_DTYPES, Shard, SplitWriter, Tokens, read_shard, sample_fingerprint, scan_max_id
 from msgrun.data.sources import fingerprint, list_documents, split_documents
 from msgrun.data.tokenizer import (
-    EOT, MASK, PAD, _special_ids, _vocab_size, encode_stream, get_tokenizer, load_tokenizer, token_byte_lengths,
+    EOT, MASK, PAD, special_ids, _vocab_size, encode_stream, get_tokenizer, load_tokenizer, token_byte_lengths,
     token_dtype,
 )
 
@@ -97,7 +97,7 @@ def prepare_data(cfg, log: Callable[[str], None] = print) -> Corpus:
     os.makedirs(data_dir, exist_ok=True)
     tok, tok_fp, tok_path = get_tokenizer(cfg, os.path.join(data_dir, f"bpe-{int(cfg.vocab_size)}", "tokenizer.json"),
                                           lambda: (d.read() for d in train_docs), log)
-    eot_id, mask_id, pad_id = _special_ids(tok, tok_path)
+    eot_id, mask_id, pad_id = special_ids(tok, tok_path)
     vocab_size = _vocab_size(tok)
     if not cfg.tokenizer_path and vocab_size < int(cfg.vocab_size):
         log(f"warning: the tokenizer has {vocab_size} tokens, fewer than data.vocab_size={cfg.vocab_size}: the "

@@ -67,7 +67,7 @@ def load_tokenizer(path: str):
     return tok, _hash(raw)
 
 
-def _special_ids(tok, path: str) -> tuple[int, int, int]:
+def special_ids(tok, path: str) -> tuple[int, int, int]:
     ids = {}
     for t in SPECIAL_TOKENS:
         ids[t] = tok.token_to_id(t)
