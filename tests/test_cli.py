@@ -71,6 +71,10 @@ def test_finished_and_different_runs_are_never_overwritten(tmp_path, cache_dir):
     assert tree(run) == before
     assert "data:" not in other.stdout and "pre-flight" not in other.stdout
 
+    # evaluation settings are not the run's identity: a resume may change them
+    resumed = msgrun(tmp_path, cache_dir, "train.max_steps=4", "eval.at_end=false", f"hydra.run.dir={run}")
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr
+
 
 def test_refusal_never_removes_a_directory_it_did_not_create(tmp_path, cache_dir):
     """`mkdir d && msgrun model.heads=0 hydra.run.dir=d > d/train.log 2>&1` used to delete d
