@@ -21,7 +21,9 @@ TOLERANCE = 2e-4
 def run(cmd, cache_dir, cwd):
     env = {**os.environ, "MSGRUN_CACHE": cache_dir, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    if r.returncode != 0:  # the whole of each rank's error: pytest's assertion repr cuts it short
+        print(r.stdout[-2000:], r.stderr[-8000:], sep="\n", file=sys.stderr)
+    assert r.returncode == 0, "torchrun failed; its output is in the captured stderr above"
     return r
 
 

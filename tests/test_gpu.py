@@ -9,6 +9,7 @@ Inductor's compile time); the CUDA case runs Inductor and bf16, the real thing. 
 a recompile, i.e. a call that missed every cached graph).
 """
 
+import contextlib
 import functools
 import shutil
 
@@ -41,15 +42,19 @@ def compiled_on(monkeypatch):
     def use(device: str) -> list[str]:
         torch._dynamo.reset()
         counters.clear()
-        # past the recompile limit a unit silently runs eagerly: make that an error here
-        dynamo = torch._dynamo.config
-        fail = "fail_on_recompile_limit_hit" if hasattr(dynamo, "fail_on_recompile_limit_hit") else "fail_on_cache_limit_hit"
-        monkeypatch.setattr(dynamo, fail, True)
+        # past the recompile limit a unit silently runs eagerly: make that an error here. Through
+        # the config's own patch(), not monkeypatch: inside the full suite hasattr() on this config
+        # module was seen to answer False for a key that exists
+        try:
+            patches.enter_context(torch._dynamo.config.patch(fail_on_recompile_limit_hit=True))
+        except AttributeError:  # torch < 2.7 names it after the cache
+            patches.enter_context(torch._dynamo.config.patch(fail_on_cache_limit_hit=True))
         if device == "cpu":  # the same guards, hence the same recompiles, as Inductor
             monkeypatch.setattr(torch, "compile", functools.partial(REAL_COMPILE, backend="eager"))
         return [f"train.device={device}", "train.compile=true"]
 
-    yield use
+    with contextlib.ExitStack() as patches:
+        yield use
     torch._dynamo.reset()
 
 
