@@ -330,10 +330,12 @@ def checkpoint_model(state: dict) -> Transformer:
 
 def pool_of(state: dict, cfg: dict) -> int:
     """The length-pooling factor the checkpoint's model trains with (1: none)."""
+    from msgrun.growth.registry import resolved
+
     shape_len = state["engine"]["shape"]["seq_len"]
-    if cfg["operator"].get("seq_len") == "pool" and cfg["model"]["family"] == "bert":
-        return cfg["model"]["seq_len"] // shape_len
-    return 1
+    model = cfg["model"]
+    method = resolved(cfg["operator"].get("seq_len"), model["family"], model.get("pos", "learned"))
+    return model["seq_len"] // shape_len if method is not None and method.pools else 1
 
 
 def fresh_output(out: Path) -> None:

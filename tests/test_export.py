@@ -196,3 +196,18 @@ def test_cli_refuses_bad_input_with_exit_code_2(grown_runs, tmp_path):
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
     assert not any((tmp_path / n).exists() for n in "abc")
+
+
+@pytest.mark.parametrize("seq_len_method,family,pool", [("auto", "bert", 4), ("pool", "bert", 4), ("auto", "gpt", 1),
+                                                        ("warmup", "bert", 1), (None, "bert", 1)])
+def test_length_pooling_is_read_as_the_growth_operator_reads_it(seq_len_method, family, pool):
+    """The shipped compound preset says operator.seq_len=auto, which pools for BERT: export refused
+    a mid-pooling checkpoint only for the literal 'pool' (a second, wrong copy of the rule)."""
+    from msgrun.export import check_state, pool_of
+
+    state = {"engine": {"shape": {"seq_len": 32}}}
+    cfg = {"model": {"family": family, "pos": "learned", "seq_len": 128}, "operator": {"seq_len": seq_len_method}}
+    assert pool_of(state, cfg) == pool
+    if pool > 1:
+        with pytest.raises(ExportError, match="length pooling"):
+            check_state([], pool_of(state, cfg))

@@ -22,7 +22,6 @@ from msgrun.data import mlm_count
 from msgrun.distributed import seed_for
 from msgrun.errors import ConfigError
 from msgrun.flops import train_flops
-from msgrun.growth import expansion
 from msgrun.growth.masks import install_masks, remove_masks
 from msgrun.growth.operator import GrowthOperator
 from msgrun.growth.optim_transfer import transfer_adamw
@@ -31,16 +30,7 @@ from msgrun.growth.schedule import (Budget, Shape, Stage, check_timing, final_sh
                                     resolve_ramp_steps, resolve_schedule, run_steps, simulate_trigger_steps,
                                     stage_due)
 from msgrun.model import ModelArgs, Transformer, count_params
-
-
-@dataclass(frozen=True)
-class StepLayout:
-    """What one optimizer step reads and runs at a shape (all ranks, all micro-batches)."""
-
-    rows: int  # sequences
-    seq_len: int  # tokens per sequence read from the stream
-    pool: int  # length pooling factor; 1: none
-    predicted: int | None  # bert: predicted tokens per sequence
+from msgrun.step import StepLayout
 
 
 @dataclass
@@ -81,15 +71,15 @@ class GrowthEngine:
         tc = cfg.train
         self.final_shape = final_shape(cfg.model)
         self.operator = GrowthOperator(cfg.operator, cfg.model.family, cfg.model.pos)
-        check_batch(tc, world_size)
         self.budget = Budget(tc.max_steps, tc.batch_size * cfg.model.seq_len, tc.max_tokens, tc.max_flops)
         start, stages = resolve_schedule(cfg.schedule, cfg.model)
         if cfg.schedule.guideline == "gstack":
             stages = self.apply_gstack_guideline(start, stages)
         self.operator.check(start, stages, self.final_shape)
-        if "ligo" in self.operator.methods.values() and (world_size > 1 or tc.distributed != "none"):
-            raise ConfigError("operator=ligo fits its growth operator on one process's batches; under "
-                              f"train.distributed={tc.distributed} every rank would fit its own. Train LiGO on one "
+        single = [m.name for m in self.operator.active if m.single_process]
+        if single and (world_size > 1 or tc.distributed != "none"):
+            raise ConfigError(f"operator.*={single[0]} fits its growth operator on one process's batches; under "
+                              f"train.distributed={tc.distributed} every rank would fit its own. Train it on one "
                               "process (train.distributed=none).")
         for shape in [start] + [stage.target for stage in stages]:
             check_rows(tc, self.layout(shape), world_size)
@@ -102,7 +92,7 @@ class GrowthEngine:
         self.next_stage = 0
         self.ramp: Ramp | None = None
         self.paths = RandomPaths(final_args.layers, start.layers, seed_for(tc.seed, "raptr"),
-                                 cfg.operator.rescale) if self.operator.raptr else None
+                                 cfg.operator.rescale) if self.operator.paths else None
         self.final_params = count_params(final_args)
 
     # ------------------------------------------------------------------ planning
@@ -121,7 +111,7 @@ class GrowthEngine:
 
     def flops_per_step(self, shape: Shape) -> float:
         args = self.operator.model_args(shape, self.final_args)
-        layers_run = shape.layers if self.operator.raptr else None  # RaPTr: expected path length
+        layers_run = shape.layers if self.operator.paths else None  # RaPTr: expected path length
         lay = self.layout(shape)
         return train_flops(args, lay.rows, lay.seq_len, layers_run, lay.predicted, lay.pool,
                            self.trainable_layers if self.trainable_layers and shape == self.shape else None)
@@ -142,7 +132,6 @@ class GrowthEngine:
                 "not before the end of the run. The formula was fitted on models of 410M-7B parameters and budgets of "
                 "tens of billions of tokens; at this scale it does not give a usable time. Use schedule=gstack_g4 "
                 "with an explicit trigger, or a larger model and budget.")
-        self.guideline = {"gstack_d_tokens": d, "params": params, "budget_tokens": budget_tokens}
         s = stages[0]
         return [Stage(s.index, "at_tokens", float(round(d)), s.target, s.dims)]
 
@@ -168,7 +157,7 @@ class GrowthEngine:
         if self.paths is not None:
             self.paths.set_length(after.layers)
         if self.operator.cfg.freeze_old and grown is not None and after.layers != before.layers:
-            self.trainable_layers = expansion.new_blocks(self.operator.methods["layers"], before.layers, after.layers)
+            self.trainable_layers = [i for i, zeroed in enumerate(grown.zeroed_layers) if zeroed]
         self.apply_freeze(grown_model)
         if grown is not None and (grown.new_units or any(grown.new_layers)):
             self.install_ramp(grown_model, grown.new_units, grown.new_layers, stage.index, step)
@@ -184,7 +173,7 @@ class GrowthEngine:
         model, the optimizer, the operator's `Grown` (None where the model is unchanged) and the
         seconds of the operator and of the optimizer transfer."""
         t0 = time.perf_counter()
-        if self.operator.raptr and stage.dims == ("layers",):
+        if self.operator.paths and stage.dims == ("layers",):
             return model, optimizer, None, (0.0, 0.0)  # RaPTr: same model, longer paths
         grown = self.operator.grow(model, stage.target, self.final_args, gen)
         t1 = time.perf_counter()
@@ -267,11 +256,6 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def check_batch(tc, world_size: int) -> None:
-    if tc.batch_size < 1 or tc.grad_accum < 1:
-        raise ConfigError(f"train.batch_size = {tc.batch_size} and train.grad_accum = {tc.grad_accum} must be >= 1.")
-
-
 def check_rows(tc, layout: StepLayout, world_size: int) -> None:
     if layout.rows % (world_size * tc.grad_accum):
         raise ConfigError(
@@ -299,7 +283,7 @@ def probe(model: Transformer, batch: dict, device: torch.device, pool: int = 1) 
     was_training = model.training
     model.eval()
     b = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
-    targets = b.get("targets", b.get("labels"))
+    targets = b["targets"]
     with exact_numerics():
         logits, loss = model(b["inputs"], targets, b.get("positions"), pool=pool)
     model.train(was_training)

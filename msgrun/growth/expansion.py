@@ -31,8 +31,8 @@ from __future__ import annotations
 import torch
 
 from msgrun.errors import ConfigError
+from msgrun.growth.methods import Method
 
-DEPTH_METHODS = ("llama_pro", "solar", "midas", "lemon")
 IDENTITY_ENTRY = ("llama_pro", "lemon")  # new blocks enter as the identity (zeroed output projections)
 OUTPUT_PROJECTIONS = ("attn.proj.weight", "attn.proj.bias", "mlp.proj.weight", "mlp.proj.bias")
 
@@ -79,18 +79,6 @@ def check_depth(method: str, old: int, new: int, family: str, where: str) -> Non
                           f"{limit} layers from {old}. Split the growth into more stages.")
 
 
-def new_blocks(method: str, old: int, new: int) -> list[int]:
-    """Indices of the blocks an identity-entry expansion added (LLaMA-Pro trains only these)."""
-    return [i for i, z in enumerate(layer_sources(method, old, new)[1]) if z]
-
-
-def check_options(cfg, methods: dict) -> None:
-    if cfg.freeze_old and methods["layers"] != "llama_pro":
-        raise ConfigError(f"operator.freeze_old=true trains only the blocks a LLaMA-Pro expansion added, but "
-                          f"operator.layers = {methods['layers']!r}; set operator.layers=llama_pro or "
-                          "operator.freeze_old=false.")
-
-
 @torch.no_grad()
 def zero_output_projections(model, zeroed: list[bool]) -> None:
     """The listed blocks' branch outputs become 0: in a pre-norm block, the identity."""
@@ -100,3 +88,24 @@ def zero_output_projections(model, zeroed: list[bool]) -> None:
             for name, p in block.named_parameters():
                 if name in OUTPUT_PROJECTIONS:
                     p.zero_()
+
+
+def method(name: str, about: str, **hooks) -> Method:
+    """A block-expansion depth method: its layer map, with no masks; where its blocks enter as the
+    identity, their output projections are zeroed."""
+    def sources(old: int, new: int, cfg):
+        src, zeroed = layer_sources(name, old, new)
+        return src, [False] * new, zeroed
+
+    def check(dim, old, new, family, where, cfg):
+        check_depth(name, old, new, family, where)
+
+    return Method(name, ("layers",), about, layer_sources=sources, check=check, **hooks)
+
+
+METHODS = (
+    method("llama_pro", "a zero-output copy after each group of blocks; exact, pre-norm only (LLaMA-Pro)",
+           freezes_old=True),
+    method("solar", "two copies of the stack with the seam's layers dropped (SOLAR's depth up-scaling; not exact)"),
+    method("midas", "the middle block duplicated in place (MIDAS gradual stacking; not exact)"),
+)

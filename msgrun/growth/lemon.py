@@ -35,6 +35,8 @@ from dataclasses import replace
 import torch
 
 from msgrun.errors import ConfigError
+from msgrun.growth import expansion
+from msgrun.growth.methods import Method
 from msgrun.growth.surgery import UnitMap, parameter_axes
 from msgrun.model import ModelArgs, Transformer
 
@@ -97,3 +99,29 @@ def finish_hidden(model: Transformer, old_hidden: int) -> None:
                     view[extra] = view[:old_hidden].mean(0, keepdim=True)
                 else:
                     view[extra] = 0.0
+
+
+def check(dim: str, old: int, new: int, family: str, where: str, cfg) -> None:
+    if dim == "layers":
+        expansion.check_depth("lemon", old, new, family, where)
+    else:
+        check_width(dim, old, new, family, where)
+
+
+def layer_sources(old: int, new: int, cfg):
+    """Every old layer followed by its zero-output copies (growth/expansion.py)."""
+    sources, zeroed = expansion.layer_sources("lemon", old, new)
+    return sources, [False] * new, zeroed
+
+
+def finish(grown, old_model, dim, um, origins, cfg, gen) -> None:
+    if dim == "hidden":
+        finish_hidden(grown, old_model.args.hidden)
+
+
+METHOD = Method(
+    "lemon", ("layers", "hidden", "heads", "ffn"), "lossless expansion: copied units with split consumers, "
+    "average-expanded hidden, zero-output layer copies (LEMON, Wang et al. 2024)",
+    check=check, unit_map=lambda dim, old, new, cfg, gen: unit_map(dim, old, new, cfg.symmetry_noise, gen),
+    layer_sources=layer_sources,
+    finish=finish, grown_args=grown_args)

@@ -41,26 +41,12 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from msgrun.errors import ConfigError
 from msgrun.flops import train_flops
+from msgrun.growth.methods import Method
 from msgrun.growth.surgery import parameter_axes
 from msgrun.model import ModelArgs, Transformer
 
 WIDTH = ("hidden", "heads", "ffn")
-
-
-def check_options(cfg, methods: dict) -> None:
-    used = [d for d, m in methods.items() if m == "ligo"]
-    if not used:
-        return
-    other = [f"operator.{d}={m}" for d, m in methods.items() if d != "seq_len" and m not in (None, "ligo")]
-    if other or methods.get("seq_len") == "pool":
-        raise ConfigError(f"operator.{used[0]}=ligo is one learned operator for every grown dimension, so it does not "
-                          f"compose with {', '.join(other) or 'operator.seq_len=pool'}; set layers, hidden, heads and "
-                          "ffn to ligo (or null), and seq_len to warmup or null.")
-    if cfg.ligo_steps < 0 or cfg.ligo_lr <= 0:
-        raise ConfigError(f"operator.ligo_steps = {cfg.ligo_steps} must be >= 0 and operator.ligo_lr = {cfg.ligo_lr} "
-                          "positive.")
 
 
 class Tally:
@@ -162,3 +148,11 @@ def fit(old: Transformer, new_args: ModelArgs, gen: torch.Generator, steps: int,
             dict(template.named_parameters())[name].copy_(value)
         flops += tally.flops
     return template, flops
+
+
+def build(old: Transformer, new_args: ModelArgs, gen: torch.Generator, cfg, fit_data) -> tuple[Transformer, int]:
+    return fit(old, new_args, gen, cfg.ligo_steps, cfg.ligo_lr, fit_data)
+
+
+METHOD = Method("ligo", ("layers", "hidden", "heads", "ffn"), "a learned linear operator for every grown "
+                "dimension, fitted on training batches (LiGO, Wang et al. 2023)", single_process=True, build=build)

@@ -6,10 +6,10 @@ their source's, scaled as their gradient scales (a weight that reads k copies at
 the source's gradient; a weight that produces one of k copies gets 1/k of it; first moment by the
 factor, second by its square: see surgery.axis_map), and new entries start per `operator.new_moments`:
 
-* zero: m = v = 0, as in the MSG reference code. With the per-tensor step count kept (so no
+* zero (default): m = v = 0, as in the MSG reference code. With the per-tensor step count kept (so no
   bias correction), a new entry's first update is lr * (1 - b1) * g / sqrt((1 - b2) g^2)
   = lr * (1 - b1) / sqrt(1 - b2): 3.2 x lr for b2 = 0.999, the overshoot the reference has.
-* mean (default): m = 0, v = the mean second moment of the source tensor (or of the same role
+* mean: m = 0, v = the mean second moment of the source tensor (or of the same role
   in an existing layer, for a fresh layer). The first update is then about lr * (1 - b1) * g /
   sqrt(v_mean), the size of an established entry's update, and it grows in smoothly.
 

@@ -131,9 +131,6 @@ class Origin:
     maps: list = field(default_factory=list)
     like: str | None = None  # an old parameter whose optimizer statistics suit the new entries
 
-    def is_identity(self) -> bool:
-        return self.source is not None and all(m is None for m in self.maps)
-
 
 def transplant(old: torch.Tensor | None, origin: Origin, fill: torch.Tensor, value_power: int = 1,
                of: str = "moment") -> torch.Tensor:
