@@ -61,6 +61,9 @@ class OutputDirCheck(Callback):
         self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
 
 
+METRICS = ("final_val_loss", "flops_to_target")  # objective.metric: objective_value
+
+
 def objective_value(cfg, run_dirs: list[Path]) -> float:
     """The number a sweeper minimises, averaged over the trial's seeds.
 

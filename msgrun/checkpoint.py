@@ -12,14 +12,16 @@ the previous checkpoints and ends the run with one paragraph. Loading uses
 
 Resuming truncates metrics.jsonl and growth.jsonl to what the checkpoint had logged, so a
 resumed run's files equal an uninterrupted run's.
+
+This module handles files only: the trainer assembles its state (Trainer.state_dict, a dict of
+named states: the model's, the optimizer's, the LR schedule's, the growth engine's, the counters,
+the RNGs) and loads it back (Trainer.load_state_dict); nothing here reads the trainer.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +29,8 @@ import torch
 
 from msgrun import distributed
 from msgrun.errors import CheckpointError
-from msgrun.model import ModelArgs, Transformer
-from msgrun.optim import build_adamw
-from msgrun.rundir import check_run_dir, config_json, different_run_message, finished_run_message
+from msgrun.files import atomic_write
+from msgrun.rundir import check_run_dir, different_run_message, finished_run_message
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -42,30 +43,6 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file that replaces `path` only once complete; on any failure
-    the temporary file is removed and `path` is left as it was."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -109,57 +86,24 @@ def newest_loadable(run_dir: Path, warn=print) -> tuple[Path | None, dict | None
     return None, None
 
 
-def last_save_time(trainer) -> float:
-    """When the trainer last wrote a checkpoint (monotonic clock); the first call starts the clock."""
-    if getattr(trainer, "_last_save_time", None) is None:
-        trainer._last_save_time = time.monotonic()
-    return trainer._last_save_time
-
-
-def last_good_message(trainer) -> str:
-    good = newest_valid(trainer.run_dir, warn=lambda *_: None)
+def last_good_message(run_dir: Path) -> str:
+    good = newest_valid(run_dir, warn=lambda *_: None)
     return f"The last good checkpoint is {good}." if good else "No checkpoint has been written yet."
 
 
-def save(trainer) -> Path:
-    """Write a checkpoint of the trainer's state and keep the newest K valid ones; returns its
-    path. Every rank gathers (a collective under FSDP); rank 0 writes."""
-    path = checkpoint_dir(trainer.run_dir) / f"step_{trainer.step:09d}.pt"
-    if getattr(trainer, "_saved_step", None) == trainer.step:  # e.g. a signal right after a scheduled save
-        return path
-    model_state, optim_state = distributed.full_state(trainer.model, trainer.optimizer)
-    # the global generators (dropout masks) are seeded per rank: each rank's state is saved
-    rank_rng = distributed.all_gather(
-        {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        trainer.dist)
-    trainer._saved_step, trainer._last_save_time = trainer.step, time.monotonic()
-    if not trainer.is_main:
-        return path
-    d = checkpoint_dir(trainer.run_dir)
-    d.mkdir(exist_ok=True)
-    state = {
-        "format": 1,
-        "model_args": dict(vars(trainer.model.args)),
-        "model": model_state,
-        "optimizer": optim_state,
-        "lr_schedule": trainer.lr_schedule.state_dict(),
-        "counters": {"step": trainer.step, "tokens": trainer.tokens, "flops": trainer.flops,
-                     "wall_time": trainer.wall.total, "lr": getattr(trainer, "lr", 0.0)},
-        "window": {k: (float(v) if torch.is_tensor(v) else v) for k, v in trainer.window.items()},
-        "last_val": trainer.last_val, "last_record": getattr(trainer, "last_record", None),
-        "warned_repeat": getattr(trainer, "_warned_repeat", False),
-        "engine": trainer.engine.state_dict(),
-        "rank_rng": rank_rng,
-        "rng": {
-            "numpy": [np.random.get_state()[0], np.random.get_state()[1].tolist(), *np.random.get_state()[2:]],
-            "python": random.getstate(),
-            "init": trainer.init_gen.get_state(),
-        },
-        "config": config_json(trainer.cfg),
-        "fingerprints": fingerprints(trainer),
-        "log_lines": {"metrics": count_lines(trainer.run_dir / "metrics.jsonl"),
-                      "growth": count_lines(trainer.run_dir / "growth.jsonl")},
-    }
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return checkpoint_dir(run_dir) / f"step_{step:09d}.pt"
+
+
+def save(run_dir: Path, step: int, state: dict, keep: int) -> Path:
+    """Write `state` (the trainer's named states) as the checkpoint of `step`, with the number of
+    log lines written so far, and keep the newest `keep` valid ones; returns its path. Rank 0
+    only (the state was gathered on every rank)."""
+    path = checkpoint_path(run_dir, step)
+    path.parent.mkdir(exist_ok=True)
+    state = {"format": 1, **state,
+             "log_lines": {"metrics": count_lines(run_dir / "metrics.jsonl"),
+                           "growth": count_lines(run_dir / "growth.jsonl")}}
     side = path.with_name(path.name + ".sha256")
     written = False
     try:
@@ -172,11 +116,10 @@ def save(trainer) -> Path:
         raise CheckpointError(
             f"Could not write checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:300]}). The disk may "
             f"be full or a file-size limit (ulimit -f) reached; the previous checkpoints are kept. "
-            f"{last_good_message(trainer)} Free space or raise the limit, then rerun the same command to resume."
+            f"{last_good_message(run_dir)} Free space or raise the limit, then rerun the same command to resume."
         ) from e
-    keep = max(1, trainer.cfg.train.keep_checkpoints)
-    valid = [p for p in list_checkpoints(trainer.run_dir) if is_valid(p)]
-    for old in valid[:-keep]:  # never delete the newest valid ones (the only good one included)
+    valid = [p for p in list_checkpoints(run_dir) if is_valid(p)]
+    for old in valid[:-max(1, keep)]:  # never delete the newest valid ones (the only good one included)
         old.unlink(missing_ok=True)
         old.with_name(old.name + ".sha256").unlink(missing_ok=True)
     return path
@@ -197,38 +140,38 @@ def truncate_lines(path: Path, n: int) -> None:
     atomic_write(path, lambda f: f.writelines(lines))
 
 
-def prepare_run_dir(trainer, resume: bool) -> bool:
+def prepare_run_dir(run_dir: Path, config: str, data_fingerprints: dict, dist, log) -> dict | None:
     """Decide between a fresh start and a resume, refusing anything that would damage an existing
-    run; on resume, load the newest good checkpoint into the trainer. Rank 0 decides and every
-    rank follows (an error on rank 0 is raised on every rank, so none waits forever).
-    Returns True on resume."""
+    run; on resume, return the newest good checkpoint's state (None: a fresh start) after cutting
+    the logs back to it. Rank 0 decides and every rank follows (an error on rank 0 is raised on
+    every rank, so none waits forever)."""
     decision, state = None, None
-    if trainer.is_main:
+    if dist.rank == 0:
         try:
-            path, state = choose_checkpoint(trainer, resume)
+            path, state = choose_checkpoint(run_dir, config, data_fingerprints, dist.world_size, log)
             decision = {"path": None if path is None else str(path)}
         except CheckpointError as e:
             decision = {"error": str(e)}
-    decision = distributed.broadcast(decision, trainer.dist)
+    decision = distributed.broadcast(decision, dist)
     if "error" in decision:
         raise CheckpointError(decision["error"])
     if decision["path"] is None:
-        return False
-    restore(trainer, state if state is not None else load(decision["path"]))
-    if trainer.is_main:
-        truncate_lines(trainer.run_dir / "metrics.jsonl", state["log_lines"]["metrics"])
-        truncate_lines(trainer.run_dir / "growth.jsonl", state["log_lines"]["growth"])
-        (trainer.run_dir / "summary.json").unlink(missing_ok=True)
-    trainer.console.print(f"resuming from {decision['path']} (step {trainer.step})")
-    return True
+        return None
+    state = state if state is not None else load(decision["path"])
+    if dist.rank == 0:
+        truncate_lines(run_dir / "metrics.jsonl", state["log_lines"]["metrics"])
+        truncate_lines(run_dir / "growth.jsonl", state["log_lines"]["growth"])
+        (run_dir / "summary.json").unlink(missing_ok=True)
+    log(f"resuming from {decision['path']} (step {state['counters']['step']})")
+    return state
 
 
-def choose_checkpoint(trainer, resume: bool) -> tuple[Path | None, dict | None]:
+def choose_checkpoint(run_dir: Path, this_config: str, data_fingerprints: dict, world_size: int,
+                      log) -> tuple[Path | None, dict | None]:
     """The checkpoint to resume from and its state ((None, None): a fresh start, after clearing an
     unresumable partial run of the same config), or a CheckpointError when the directory must not
     be touched. (The CLI has refused finished and different runs already, before anything was
     written; the check is repeated for callers other than the CLI.)"""
-    run_dir = trainer.run_dir
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".msgrun_write_test"
@@ -237,16 +180,14 @@ def choose_checkpoint(trainer, resume: bool) -> tuple[Path | None, dict | None]:
     except OSError as e:
         raise CheckpointError(f"The run directory {run_dir} is not writable ({e.strerror}). Choose another with "
                               "hydra.run.dir=PATH (hydra.sweep.dir=PATH for multiruns).") from e
-    this_config = config_json(trainer.cfg)
     state_of_dir = check_run_dir(run_dir, this_config)
     if state_of_dir == "finished":
         raise CheckpointError(finished_run_message(run_dir))
     had_logs = (run_dir / "metrics.jsonl").exists()
-    path, state = (newest_loadable(run_dir, warn=trainer.console.print) if state_of_dir == "resume"
-                   else (None, None))
+    path, state = newest_loadable(run_dir, warn=log) if state_of_dir == "resume" else (None, None)
     if path is None:
         if had_logs:
-            trainer.console.print(f"warning: {run_dir} has no valid checkpoint; starting the run from scratch.")
+            log(f"warning: {run_dir} has no valid checkpoint; starting the run from scratch.")
         for name in ("metrics.jsonl", "growth.jsonl", "summary.json"):
             (run_dir / name).unlink(missing_ok=True)
         atomic_write(run_dir / "config.json", lambda f: f.write(this_config.encode()))
@@ -254,43 +195,35 @@ def choose_checkpoint(trainer, resume: bool) -> tuple[Path | None, dict | None]:
     if state["config"] != this_config:
         raise CheckpointError(different_run_message(run_dir))
     saved_world = len(state["rank_rng"])
-    if saved_world != trainer.dist.world_size:
+    if saved_world != world_size:
         raise CheckpointError(
             f"The run in {run_dir} was trained by {saved_world} process(es) and this command starts "
-            f"{trainer.dist.world_size}: each rank's random state (dropout) is saved, so a run resumes only at the "
+            f"{world_size}: each rank's random state (dropout) is saved, so a run resumes only at the "
             f"same world size (torchrun --nproc_per_node={saved_world}). To change it, start a new run with "
             "hydra.run.dir=NEW_PATH.")
-    if state["fingerprints"] != fingerprints(trainer):
+    if state["fingerprints"] != data_fingerprints:
         raise CheckpointError(
             f"The run in {run_dir} was trained on other data or with another tokenizer (fingerprints "
-            f"{state['fingerprints']} then, {fingerprints(trainer)} now): the same config now reads different "
+            f"{state['fingerprints']} then, {data_fingerprints} now): the same config now reads different "
             "files. Restore the original data/tokenizer.json to resume, or start a new run with hydra.run.dir=NEW_PATH.")
     return path, state
 
 
-def fingerprints(trainer) -> dict:
-    return {"data": trainer.corpus.data_fingerprint, "tokenizer": trainer.corpus.tokenizer_fingerprint}
+def rng_state(init_gen: torch.Generator, dist) -> dict:
+    """Every generator the run draws from: the global ones per rank (dropout masks are seeded per
+    rank; gathered, a collective), numpy's and python's, and the init generator that future growth
+    events draw new weights from."""
+    rank_rng = distributed.all_gather(
+        {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        dist)
+    np_state = np.random.get_state()
+    return {"rank_rng": rank_rng,
+            "rng": {"numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]], "python": random.getstate(),
+                    "init": init_gen.get_state()}}
 
 
-def restore(trainer, state: dict) -> None:
-    args = ModelArgs(**state["model_args"])
-    model = Transformer(args).to(trainer.device)
-    model.load_state_dict(state["model"])
-    trainer.engine.load_state_dict(state["engine"])
-    trainer.engine.restore_ramp(model, state["engine"])
-    trainer.model = model
-    trainer.optimizer = build_adamw(model, trainer.cfg.train.lr, trainer.cfg.optim, trainer.device.type)
-    distributed.load_optimizer_state(model, trainer.optimizer, state["optimizer"])
-    trainer.lr_schedule.load_state_dict(state["lr_schedule"])
-    c = state["counters"]
-    trainer.step, trainer.tokens, trainer.flops, trainer.lr = c["step"], c["tokens"], c["flops"], c["lr"]
-    trainer.wall.total = c["wall_time"]
-    w = dict(state["window"])
-    w["loss"] = torch.tensor(w["loss"], device=trainer.device)
-    trainer.window = w
-    trainer.last_val, trainer.last_record = state["last_val"], state["last_record"]
-    trainer._warned_repeat = state["warned_repeat"]
-    own = state["rank_rng"][trainer.dist.rank]  # the same world size (choose_checkpoint)
+def load_rng_state(state: dict, init_gen: torch.Generator, rank: int) -> None:
+    own = state["rank_rng"][rank]  # the same world size (choose_checkpoint)
     torch.set_rng_state(own["torch"])
     if own["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(own["cuda"])
@@ -298,4 +231,4 @@ def restore(trainer, state: dict) -> None:
     np_state = rng["numpy"]
     np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
     random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in rng["python"]))
-    trainer.init_gen.set_state(rng["init"])
+    init_gen.set_state(rng["init"])

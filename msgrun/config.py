@@ -2,8 +2,9 @@
 
 Every YAML file in ``conf/`` is merged into these dataclasses, so a misspelled key or a value of
 the wrong type fails at composition time with OmegaConf's message naming the key. Rules that
-types cannot express (``heads > 0``, a schedule that never shrinks, ...) are checked by
-``msgrun.validate`` before any compute is spent.
+types cannot express (``heads > 0``, a valid choice) are checked by ``check_config`` below before
+any compute is spent; schedule and operator rules by the growth engine (msgrun/growth/), which
+the CLI also builds before any compute.
 """
 
 from __future__ import annotations
@@ -93,7 +94,6 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0: none by count (checkpoint_minutes, growth events and the end still write)
     checkpoint_minutes: float = 15.0  # also checkpoint after this many minutes since the last one; 0 disables
     keep_checkpoints: int = 2
-    resume: bool = False
     skip_nonfinite: bool = False
     distributed: str = "none"  # none | ddp | fsdp (under torchrun)
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
@@ -165,7 +165,7 @@ class OperatorConfig:
     new_layer_state: str = "fresh"  # fresh (new layers start with no AdamW state: MSG reference) | carry (source's)
     new_moments: str = "zero"  # zero (MSG reference) | mean (second moment from the source's mean)
     lr_policy: str = "continue"  # continue | rewind (MSG reference) | restart (fresh warmup)
-    # issue-14 operators (growth/expansion.py, growth/lemon.py)
+    # block expansion and learned growth (growth/expansion.py, growth/ligo.py)
     freeze_old: bool = False  # layers=llama_pro: after the event only the new blocks train (LLaMA-Pro's recipe)
     ligo_steps: int = 100  # LiGO: steps fitting the growth operator (training compute, charged to the run)
     ligo_lr: float = 1e-3  # LiGO: Adam learning rate of the operator's fitting
@@ -261,24 +261,36 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="msgrun_schema", node=Config)
 
 
-DIMS = ("layers", "hidden", "heads", "ffn", "seq_len")
-
-
+# Every string key with a fixed set of values, and where that set is defined: the module that
+# dispatches on the value owns the tuple, and check_config asks there (imported on demand, so
+# composing a config does not import the training stack). Growth-method keys (operator.*) are
+# checked by the growth-method registry, msgrun/growth/methods.py.
 CHOICES = {
-    "model.family": ("gpt", "bert"),
-    "model.norm": ("layernorm", "rmsnorm"),
-    "model.mlp": ("gelu", "swiglu"),
-    "model.pos": ("learned", "rope"),
-    "model.gelu": ("tanh", "exact"),
-    "data.name": ("pystdlib", "pysite", "files", "hf", "shards"),
-    "optim.decay": ("cosine", "linear", "constant"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.precision": ("auto", "fp32", "bf16"),
-    "train.distributed": ("none", "ddp", "fsdp"),
-    "logger.wandb.mode": ("online", "offline", "disabled"),
-    "logger.console": ("auto", "rich", "plain"),
-    "objective.metric": ("final_val_loss", "flops_to_target"),
+    "model.family": ("msgrun.model", "ModelArgs.FAMILIES"),
+    "model.norm": ("msgrun.model", "ModelArgs.NORMS"),
+    "model.mlp": ("msgrun.model", "ModelArgs.MLPS"),
+    "model.pos": ("msgrun.model", "ModelArgs.POSITIONS"),
+    "model.gelu": ("msgrun.model", "ModelArgs.GELUS"),
+    "data.name": ("msgrun.data.sources", "DATA_NAMES"),
+    "optim.decay": ("msgrun.optim", "DECAYS"),
+    "operator.lr_policy": ("msgrun.optim", "LR_POLICIES"),
+    "train.device": ("msgrun.distributed", "DEVICES"),
+    "train.precision": ("msgrun.distributed", "PRECISIONS"),
+    "train.distributed": ("msgrun.distributed", "MODES"),
+    "logger.wandb.mode": ("msgrun.tracking", "WANDB_MODES"),
+    "logger.console": ("msgrun.tracking", "CONSOLES"),
+    "objective.metric": ("msgrun.callbacks", "METRICS"),
 }
+
+
+def valid_choices(key: str) -> tuple:
+    import importlib
+
+    module, attribute = CHOICES[key]
+    value = importlib.import_module(module)
+    for part in attribute.split("."):
+        value = getattr(value, part)
+    return value
 
 
 # Allowed ranges of every numeric key, in interval notation; null stays allowed where the schema
@@ -329,6 +341,9 @@ RANGE_NOTES = {
     "model.heads": " (model.heads=0 would leave no attention at all)",
     "train.max_minutes": " (or null for no wall-clock budget)",
     "train.checkpoint_every": " (0: no checkpoints by step count)",
+    "eval.every": " (0: never)",
+    "eval.lm_eval.limit": " (examples per task, or a fraction below 1; null for every example)",
+    "data.val_fraction": " (the held-out share of the documents: both splits need some)",
     "train.checkpoint_minutes": " (0: no checkpoints by wall-clock)",
     "train.keep_checkpoints": " (the newest checkpoint is always kept)",
     "objective.penalty": " (a run that never reaches the target must score worse than one that reaches it late)",
@@ -379,28 +394,40 @@ def valid_keys_message(full_key: str | None, schema) -> str | None:
     return f"Valid keys of {parent}: {', '.join(f.name for f in dataclasses.fields(schema))}."
 
 
-def check_config(cfg) -> None:
-    """Rules the schema's types cannot express, checked before anything runs. Schedule and
-    operator rules live with them (msgrun.growth), data rules in msgrun.data."""
+def check_section(cfg, section: str) -> None:
+    """The choices and ranges of the keys under `section` ("" for all; "data" for msgrun-prepare,
+    whose config holds the same `data` node)."""
     import os
 
     from omegaconf import OmegaConf
 
     from msgrun.errors import ConfigError
 
-    for key, schema in unknown_keys(cfg, Config):
-        raise ConfigError(f"{key} is not a msgrun setting, so nothing would read it (a '+' override adds a key "
-                          f"without checking it). {valid_keys_message(key, schema)} Fix the name and drop the '+'.")
-    for key, valid in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
+    def keys(table):
+        return [k for k in table if not section or k.startswith(section + ".")]
+
+    for key in keys(CHOICES):
+        value, valid = OmegaConf.select(cfg, key), valid_choices(key)
         if value not in valid:
             source = " (from the WANDB_MODE environment variable)" if (
                 key == "logger.wandb.mode" and value == os.environ.get("WANDB_MODE")) else ""
             raise ConfigError(f"{key} = {value!r}{source} is not a valid choice; choose one of {', '.join(valid)}.")
-    for key, spec in RANGES.items():
+    for key in keys(RANGES):
         value = OmegaConf.select(cfg, key)
-        if value is not None and not in_range(value, spec):
-            raise ConfigError(f"{key} = {value} is out of range: it must lie in {spec}{RANGE_NOTES.get(key, '')}.")
+        if value is not None and not in_range(value, RANGES[key]):
+            raise ConfigError(f"{key} = {value} is out of range: it must lie in {RANGES[key]}"
+                              f"{RANGE_NOTES.get(key, '')}.")
+
+
+def check_config(cfg) -> None:
+    """Rules the schema's types cannot express, checked before anything runs. Schedule and
+    operator rules live with them (msgrun.growth), data rules in msgrun.data."""
+    from msgrun.errors import ConfigError
+
+    for key, schema in unknown_keys(cfg, Config):
+        raise ConfigError(f"{key} is not a msgrun setting, so nothing would read it (a '+' override adds a key "
+                          f"without checking it). {valid_keys_message(key, schema)} Fix the name and drop the '+'.")
+    check_section(cfg, "")
     m = cfg.model
     if m.pos == "rope" and m.head_dim % 2:
         raise ConfigError(f"model.head_dim = {m.head_dim} must be even with model.pos=rope (rotary embeddings rotate "

@@ -25,6 +25,20 @@ def seed_for(seed: int, stream: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{stream}".encode(), digest_size=8).digest(), "little") >> 1
 
 
+MODES = ("none", "ddp", "fsdp")  # train.distributed
+DEVICES = ("auto", "cpu", "cuda")  # train.device
+PRECISIONS = ("auto", "fp32", "bf16")  # train.precision: auto is bf16 on CUDA, fp32 on the CPU
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but torch sees no CUDA device on this machine; use "
+                          "train.device=auto or cpu.")
+    return torch.device(name)
+
+
 @dataclass
 class Dist:
     mode: str = "none"  # none | ddp | fsdp
@@ -39,8 +53,7 @@ class Dist:
 
 
 def setup(mode: str) -> Dist:
-    if mode not in ("none", "ddp", "fsdp"):
-        raise ConfigError(f"train.distributed = {mode!r}; choose one of none, ddp, fsdp.")
+    """mode is one of MODES (config.check_config has checked it)."""
     if mode == "none":
         return Dist()
     if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:

@@ -60,8 +60,6 @@ class Downstream:
         self.cfg, self.corpus, self.final_args, self.log = ec, corpus, final_args, log
         self.seq_len, self.family = cfg.model.seq_len, cfg.model.family
         self.mlm_probability = cfg.model.mlm_probability
-        if ec.every < 0:
-            raise ConfigError(f"eval.every = {ec.every} must be 0 (never) or a number of steps.")
         self.perplexity = {name: self.perplexity_batches(name, src, cfg.train.batch_size)
                            for name, src in ec.perplexity.items()}
         self.tasks = list(ec.lm_eval.tasks)
@@ -137,9 +135,6 @@ class Downstream:
                 raise ConfigError(f"eval.lm_eval.include_path = {lc.include_path}: no such directory (it should hold "
                                   "task YAML files, like msgrun/eval_tasks/msgrun_pycode/).")
             paths.append(str(p.absolute()))
-        if lc.limit is not None and lc.limit <= 0:
-            raise ConfigError(f"eval.lm_eval.limit = {lc.limit} must be positive (examples per task, or a fraction "
-                              "below 1), or null for every example.")
         # local tasks first: indexing lm-eval's thousands of bundled YAML files takes seconds
         local = TaskManager(include_path=paths, include_defaults=False)
         self.task_manager = local
@@ -183,7 +178,7 @@ class Downstream:
                 r = nll(batches)
                 results.update({f"eval/{name}/loss": r["val_loss"], f"eval/{name}/ppl": math.exp(r["val_loss"]),
                                 f"eval/{name}/bpb": r["val_bpb"],
-                                f"eval/{name}/tokens": sum(int(b.get("targets", b.get("labels")).numel())
+                                f"eval/{name}/tokens": sum(int(b["targets"].numel())
                                                             for b in batches)})
             if self.tasks:
                 results.update(self.lm_eval_on(model, dist, device, masked, pool))

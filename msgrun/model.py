@@ -43,6 +43,13 @@ class ModelArgs:
     init_std: float = 0.02
     rope_base: float = 10000.0
 
+    # the values each architecture switch above accepts (config.CHOICES reads them from here)
+    FAMILIES = ("gpt", "bert")
+    NORMS = ("layernorm", "rmsnorm")
+    MLPS = ("gelu", "swiglu")
+    GELUS = ("tanh", "exact")
+    POSITIONS = ("learned", "rope")
+
     @property
     def causal(self) -> bool:
         return self.family == "gpt"
@@ -221,7 +228,7 @@ class Transformer(nn.Module):
 
         Per block, not the whole model: a new layer of an existing shape reuses the block's
         cached graph, and RaPTr's changing paths (the `layers` list, a Python value a whole-model
-        graph would guard on) never recompile (DESIGN.md section 5). The head is its own unit
+        graph would guard on) never recompile (docs/architecture.md section 5). The head is its own unit
         because, left eager, its cross-entropy runs as separate log_softmax / nll_loss kernels
         over B*T*V logits forward and backward (plus a B*T*V zero fill for nll_loss's gradient);
         compiled, forward and backward are each one fused pass. On gpt_tiny (CPU) that eager

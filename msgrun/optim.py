@@ -39,8 +39,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from msgrun.errors import ConfigError
-
 LEMON_DECAY_SPAN = 0.5  # lr_policy=lemon: fraction of the remaining budget over which the LR decays
 
 
@@ -63,7 +61,8 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-DECAYS = ("cosine", "linear", "constant", "wsd")
+DECAYS = ("cosine", "linear", "constant", "wsd")  # optim.decay (config.CHOICES reads these)
+LR_POLICIES = ("continue", "rewind", "restart", "lemon")  # operator.lr_policy: LRSchedule.on_growth
 
 
 @dataclass
@@ -79,12 +78,8 @@ class LRSchedule:
 
     @staticmethod
     def create(peak: float, cfg) -> "LRSchedule":
-        if cfg.decay not in DECAYS:
-            raise ConfigError(f"optim.decay = {cfg.decay!r}; choose one of {', '.join(DECAYS)}.")
+        """cfg is an optim config that passed config.check_config (its choices and ranges)."""
         if cfg.decay == "wsd":
-            if not 0.0 < cfg.decay_fraction <= 1.0:
-                raise ConfigError(f"optim.decay_fraction = {cfg.decay_fraction}: the share of the budget the wsd "
-                                  "decay takes must lie in (0, 1], e.g. 0.2.")
             return LRSchedule(peak, cfg.warmup_steps, cfg.decay, cfg.min_lr_ratio, 0,
                               1.0 - cfg.decay_fraction, cfg.decay_fraction)
         start = 0.0 if cfg.warmup_steps == 0 else None
@@ -122,7 +117,7 @@ class LRSchedule:
             self.warmup_start = step - self.warmup_steps  # no new warmup, and any running one ends
             self.decay_start, self.decay_span = progress, max((1.0 - progress) * LEMON_DECAY_SPAN, 1e-9)
         elif policy != "continue":
-            raise ConfigError(f"operator.lr_policy = {policy!r}; choose one of continue, rewind, restart, lemon.")
+            raise ValueError(f"unknown LR policy {policy!r}; one of {LR_POLICIES}")
 
     def state_dict(self) -> dict:
         return asdict(self)

@@ -27,22 +27,22 @@ from msgrun.errors import MsgrunError
 from msgrun.growth.masks import install_masks
 from msgrun.model import Transformer
 from msgrun.optim import build_adamw
+from msgrun.step import forward_backward
 
 
 class OutOfMemory(MsgrunError):
     pass
 
 
-def run_preflight(trainer) -> dict | None:
-    """Replay the last growth event and one final-shape step; returns what it measured."""
-    cfg, engine, device = trainer.cfg, trainer.engine, trainer.device
-    if not cfg.train.preflight or trainer.dist.mode == "fsdp":
-        return None
+def run_preflight(engine, cfg, device: torch.device, world_size: int, make_batch, autocast) -> dict:
+    """Replay the last growth event and one final-shape step; returns what it measured.
+    `make_batch(offset, rows, seq_len)`: the training batch at a stream offset, on the device."""
     cuda = device.type == "cuda"
     last = engine.stages[-1] if engine.stages else None
     before = engine.shape_before(last) if last is not None else engine.start
     layout = engine.layout(engine.final_shape)
-    micro_rows = layout.rows // trainer.dist.world_size // cfg.train.grad_accum
+    micro_batches = layout.micro_batches(0, 0, world_size, cfg.train.grad_accum)
+    micro_rows = micro_batches[0][1]
     report = {"final_shape": engine.final_shape.as_dict(), "micro_batch_rows": micro_rows}
     t0 = time.perf_counter()
     model = optimizer = grown = batch = loss = None
@@ -50,7 +50,7 @@ def run_preflight(trainer) -> dict | None:
     with torch.random.fork_rng(devices=[device] if cuda else []):
         try:
             gen = torch.Generator().manual_seed(0)
-            model = Transformer(engine.operator.model_args(before, trainer.final_args), generator=gen).to(device)
+            model = Transformer(engine.operator.model_args(before, engine.final_args), generator=gen).to(device)
             optimizer = build_adamw(model, cfg.train.lr, cfg.optim, device.type)
             fill_optimizer_state(model, optimizer)
             if last is not None:
@@ -63,17 +63,13 @@ def run_preflight(trainer) -> dict | None:
                 report["growth_peak_bytes"] = peak(cuda)
             phase = f"one training step at the final shape ({micro_rows} sequences per micro-batch)"
             reset_peak(cuda)
-            for micro in range(cfg.train.grad_accum):
-                batch = trainer.make_batch(micro * micro_rows * layout.seq_len, micro_rows, layout.seq_len)
-                with trainer.autocast:
-                    # the loss only, as the training step asks for it: logits would overstate the peak
-                    _, loss = model(batch["inputs"], batch["targets"], batch.get("positions"), pool=layout.pool,
-                                    with_logits=False)
-                loss.backward()
+            for offset, rows in micro_batches:  # as the training step runs them (msgrun/step.py)
+                batch = make_batch(offset, rows, layout.seq_len)
+                loss = forward_backward(model, batch, cfg.train.grad_accum, autocast, layout.pool)
             optimizer.step()
             report["step_peak_bytes"] = peak(cuda)
         except (torch.OutOfMemoryError, MemoryError) as e:
-            raise OutOfMemory(oom_message(trainer, phase, micro_rows, e)) from None
+            raise OutOfMemory(oom_message(engine, cfg.train, device, phase, micro_rows, e)) from None
         finally:
             # drop every reference (the operator's result holds the grown model too) before the
             # cache is emptied, or the final model's weights and gradients stay reserved
@@ -120,11 +116,10 @@ def describe(report: dict | None) -> str:
     return f"pre-flight: {', '.join(parts)} of {report['device_bytes'] / gib:.1f} GiB ({report['seconds']:.1f} s)"
 
 
-def oom_message(trainer, phase: str, micro_rows: int, error: BaseException) -> str:
-    tc = trainer.cfg.train
+def oom_message(engine, tc, device, phase: str, micro_rows: int, error: BaseException) -> str:
     return (f"Out of memory in the pre-flight, {phase}: the final model "
-            f"({trainer.engine.final_shape}, {trainer.engine.final_params:,} parameters) does not fit on "
-            f"{trainer.device} at train.batch_size = {tc.batch_size} with train.grad_accum = {tc.grad_accum} "
+            f"({engine.final_shape}, {engine.final_params:,} parameters) does not fit on "
+            f"{device} at train.batch_size = {tc.batch_size} with train.grad_accum = {tc.grad_accum} "
             f"({micro_rows} sequences per micro-batch). Nothing was trained or written. Raise train.grad_accum "
             f"(same batch, smaller micro-batches), lower train.batch_size or model.seq_len, or use "
             f"train.distributed=fsdp to shard the model. ({str(error).splitlines()[0] if str(error) else type(error).__name__})")

@@ -18,8 +18,10 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from msgrun.config import DataConfig
+from msgrun.config import DataConfig, check_section
 from msgrun.errors import MsgrunError
+
+PROGRESS = ("auto", "rich", "plain")
 
 
 @dataclass
@@ -28,18 +30,18 @@ class PrepareConfig:
     out_dir: Optional[str] = None  # where the shards, tokenizer.json and manifest.json go
     shard_tokens: int = 100_000_000  # tokens per shard (a shard ends at the first document boundary past it)
     batch_bytes: int = 1_000_000  # text per tokenizer batch: what the tokenizers library spreads over all cores
-    progress: str = "auto"  # auto (a rich progress bar on a terminal) | rich | plain
+    progress: str = "auto"  # one of PROGRESS: auto (a rich progress bar on a terminal) | rich | plain
 
 
 @hydra.main(version_base="1.3", config_path="pkg://msgrun.conf", config_name="prepare")
 def hydra_entry(cfg: DictConfig) -> None:
     from msgrun.data.prepare import prepare_shards
 
-    if cfg.progress not in ("auto", "rich", "plain"):
-        print(f"msgrun-prepare: error: progress={cfg.progress!r}; choose one of auto, rich, plain.", file=sys.stderr)
-        sys.exit(2)
-    bar = sys.stderr.isatty() if cfg.progress == "auto" else cfg.progress == "rich"
     try:
+        if cfg.progress not in PROGRESS:
+            raise MsgrunError(f"progress = {cfg.progress!r} is not a valid choice; choose one of {', '.join(PROGRESS)}.")
+        check_section(cfg, "data")  # msgrun's own rules for the data keys, before any work
+        bar = sys.stderr.isatty() if cfg.progress == "auto" else cfg.progress == "rich"
         prepare_shards(cfg.data, cfg.out_dir, cfg.shard_tokens, cfg.batch_bytes, progress=bar)
     except MsgrunError as e:
         print(f"msgrun-prepare: error: {e}", file=sys.stderr)

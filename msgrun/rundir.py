@@ -22,7 +22,7 @@ from msgrun.errors import CheckpointError
 # keys that may differ between the interrupted and the resuming command
 # (eval: downstream evaluation reads the model and never changes training, so a resumed run may
 # add or drop tasks)
-RESUME_FREE_KEYS = ("train.resume", "train.max_minutes", "train.threads", "train.preflight", "train.checkpoint_minutes",
+RESUME_FREE_KEYS = ("train.max_minutes", "train.threads", "train.preflight", "train.checkpoint_minutes",
                     "logger", "eval")
 # what msgrun itself writes into a run directory before the first training step
 OWN_SETUP_FILES = (".hydra", "config.json")

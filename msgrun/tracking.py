@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from msgrun.files import atomic_write
+
 
 def to_jsonable(value):
     if isinstance(value, float) and not math.isfinite(value):
@@ -24,12 +26,7 @@ def to_jsonable(value):
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -51,6 +48,9 @@ class JsonLines:
 
     def close(self) -> None:
         self.file.close()
+
+
+CONSOLES = ("auto", "rich", "plain")  # logger.console: auto is rich on a terminal
 
 
 class Console:
@@ -108,6 +108,9 @@ def format_status(r: dict) -> str:
         parts.append(f"alpha {r['alpha']:.2f}")
     parts.append(f"{r['layers']}L/{r['hidden']}H/{r['heads']}A/{r['ffn']}F/T{r['seq_len']}")
     return " | ".join(parts)
+
+
+WANDB_MODES = ("online", "offline", "disabled")  # logger.wandb.mode, as wandb.init's mode
 
 
 class Wandb:

@@ -7,7 +7,7 @@ Counters that make runs comparable (docs/architecture.md section 4):
   Tokens per optimizer step are constant (`train.batch_size` sequences of the *final*
   `model.seq_len`); while a shorter sequence length trains, each step has proportionally more
   rows (sequence-length warmup keeps the optimizer's batch in tokens fixed); under length pooling
-  every step reads full-length rows and the model pools them (growth/engine.py, StepLayout).
+  every step reads full-length rows and the model pools them (msgrun/step.py, StepLayout).
 * `flops` is cumulative training FLOPs of what executed (msgrun.flops), never evaluation,
   growth probes or operator work.
 * `wall_time` is cumulative seconds of training steps and growth events (operator, optimizer
@@ -28,7 +28,7 @@ import torch
 from omegaconf import OmegaConf
 
 from msgrun import checkpoint, data, distributed, provenance
-from msgrun.errors import ConfigError, MsgrunError
+from msgrun.errors import MsgrunError
 from msgrun.evaluate import Downstream
 from msgrun.flops import train_flops
 from msgrun.growth.engine import GrowthEngine, probe
@@ -38,6 +38,8 @@ from msgrun.optim import LRSchedule, build_adamw, set_lr
 from msgrun.preflight import describe as describe_preflight
 from msgrun.preflight import run_preflight
 from msgrun.preemption import Interrupted, StopSignals
+from msgrun.rundir import config_json
+from msgrun.step import forward_backward
 from msgrun.tracking import Console, JsonLines, Stopwatch, Wandb, write_json_atomic
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, per GPU
@@ -45,17 +47,6 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, per
 
 class NonFiniteLoss(MsgrunError):
     pass
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but torch sees no CUDA device on this machine; use "
-                          "train.device=auto or cpu.")
-    if name not in ("cpu", "cuda"):
-        raise ConfigError(f"train.device = {name!r}; choose one of auto, cpu, cuda.")
-    return torch.device(name)
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -80,7 +71,7 @@ class Trainer:
         self.dist = distributed.setup(tc.distributed)
         # under torchrun every rank composes its own Hydra run dir (timestamps can differ): follow rank 0's
         self.run_dir = Path(distributed.broadcast(str(run_dir), self.dist))
-        self.device = resolve_device(tc.device) if not self.dist.enabled else self.dist.device
+        self.device = distributed.resolve_device(tc.device) if not self.dist.enabled else self.dist.device
         if tc.threads:
             torch.set_num_threads(tc.threads)
         precision = tc.precision if tc.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
@@ -120,13 +111,23 @@ class Trainer:
                             for k, v in self.eval_batches[0].items()}
         self.peak_flops = peak_flops(self.device)
 
+        # counters and windows (state_dict below): a resume restores every one of them
         self.step = 0
         self.tokens = 0
         self.flops = 0.0
+        self.lr = 0.0
         self.wall = Stopwatch()
         self.window = self.new_window()
-        self.last_val = None
+        self.last_val = None  # the last log record with an evaluation
+        self.last_record = None  # the last log record
+        self.warned_repeat = False
+        # checkpoint cadence: the step last saved, and when (the clock starts with the run)
+        self.saved_step: int | None = None
+        self.last_save_time = time.monotonic()
         self.train_model = self.model  # what the step calls (DDP/FSDP-wrapped, compiled)
+        self.preflight: dict | None = None
+        self.stop: StopSignals | None = None  # set by run()
+        self.metrics = self.growth_log = self.wandb = None  # rank 0's files and wandb run, opened by run()
 
     # ------------------------------------------------------------------ setup and teardown
     def run(self) -> dict:
@@ -136,9 +137,15 @@ class Trainer:
 
     def _run(self) -> dict:
         cfg = self.cfg
-        self.preflight = run_preflight(self)  # before the run directory is touched
+        if cfg.train.preflight and self.dist.mode != "fsdp":  # before the run directory is touched
+            self.preflight = run_preflight(self.engine, cfg, self.device, self.dist.world_size, self.make_batch,
+                                           self.autocast)
         self.engine.operator.fit_data = self.fit_batches  # LiGO fits on data (not in the pre-flight)
-        resumed = checkpoint.prepare_run_dir(self, cfg.train.resume)
+        state = checkpoint.prepare_run_dir(self.run_dir, config_json(cfg), self.fingerprints(), self.dist,
+                                           self.console.print)
+        if state is not None:
+            self.load_state_dict(state)
+        resumed = state is not None
         self._wrap()
         if self.is_main:
             self.metrics = JsonLines(self.run_dir / "metrics.jsonl")
@@ -167,6 +174,7 @@ class Trainer:
                 wandb_dir = self.wandb.run.dir if self.wandb.run is not None else None
                 self.wandb.finish(exit_code=0 if status == "completed" else 1)
             self.console.close()
+            self.loader.close()
             if self.is_main and status == "completed":
                 self.console.print(self.where(summary, wandb_dir))
             distributed.teardown(self.dist)
@@ -226,7 +234,7 @@ class Trainer:
             distributed.shard(model, self.dist)
             self.optimizer = build_adamw(model, self.cfg.train.lr, self.cfg.optim, self.device.type)
             distributed.load_optimizer_state(model, self.optimizer, optim_state)
-        self.train_model = distributed.wrap(model, self.dist, find_unused=self.engine.operator.raptr)
+        self.train_model = distributed.wrap(model, self.dist, find_unused=self.engine.operator.paths)
 
     def _unwrap(self) -> None:
         """FSDP: gather the shards into a plain model and optimizer with the full state on every
@@ -247,9 +255,9 @@ class Trainer:
         while not self.done(start):
             signum, due = self.boundary_requests()
             if signum is not None:
-                raise self.stop.interrupted(signum, self.step, checkpoint.save(self))
+                raise self.stop.interrupted(signum, self.step, self.save_checkpoint())
             if due:
-                checkpoint.save(self)
+                self.save_checkpoint()
             stage = self.engine.due_stage(self.step, self.tokens, self.flops, self.progress())
             if stage is not None:
                 if self.downstream.due("growth"):
@@ -263,8 +271,8 @@ class Trainer:
             if self.downstream.due("step", self.step) and not self.done(start):
                 self.downstream_eval("step")
             if tc.checkpoint_every and self.step % tc.checkpoint_every == 0 and not self.done(start):
-                checkpoint.save(self)
-        checkpoint.save(self)
+                self.save_checkpoint()
+        self.save_checkpoint()
         if self.downstream.due("end"):  # after the final checkpoint: a failing task never costs the training
             self.downstream_eval("end")
 
@@ -274,7 +282,7 @@ class Trainer:
         act alike (a checkpoint is a collective), so the ranks agree at logging steps only: one
         small collective per log window rather than one per step."""
         minutes = self.cfg.train.checkpoint_minutes
-        due = bool(minutes) and time.monotonic() - checkpoint.last_save_time(self) >= 60 * minutes
+        due = bool(minutes) and time.monotonic() - self.last_save_time >= 60 * minutes
         if not self.dist.enabled:
             return self.stop.signum, due
         if self.step % self.cfg.train.log_every:
@@ -295,8 +303,7 @@ class Trainer:
         tc, dist = self.cfg.train, self.dist
         layout = self.engine.layout(self.engine.shape)
         T, rows = layout.seq_len, layout.rows
-        rows_per_rank = rows // dist.world_size
-        micro_rows = rows_per_rank // tc.grad_accum
+        micro_batches = layout.micro_batches(self.tokens, dist.rank, dist.world_size, tc.grad_accum)
         layers, layer_scale = self.engine.path_for_step(self.step)
         lr = self.lr_schedule(self.step, self.progress())
         set_lr(self.optimizer, lr)
@@ -305,16 +312,11 @@ class Trainer:
         t0 = time.perf_counter()
         with self.wall:
             loss_sum = torch.zeros((), device=self.device)
-            for micro in range(tc.grad_accum):
-                offset = self.tokens + (dist.rank * rows_per_rank + micro * micro_rows) * T
+            for micro, (offset, micro_rows) in enumerate(micro_batches):
                 batch = self.make_batch(offset, micro_rows, T, ahead=rows * T)
                 with distributed.maybe_no_sync(self.train_model, dist, last=micro == tc.grad_accum - 1):
-                    with self.autocast:
-                        # with_logits=False: the step never reads them (Transformer.head says why it matters)
-                        _, loss = self.train_model(batch["inputs"], batch["targets"], batch.get("positions"), layers,
-                                                   layer_scale, layout.pool, with_logits=False)
-                    (loss / tc.grad_accum).backward()
-                loss_sum += loss.detach()
+                    loss_sum += forward_backward(self.train_model, batch, tc.grad_accum, self.autocast, layout.pool,
+                                                 layers, layer_scale)
             if self.cfg.optim.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
             loss_mean = distributed.mean_across_ranks(loss_sum / tc.grad_accum, dist)
@@ -344,10 +346,10 @@ class Trainer:
     def fit_batches(self, k: int) -> list[dict]:
         """The micro-batches the k-th training step from now will read (LiGO fits its operator on
         them; single process only)."""
-        layout, accum = self.engine.layout(self.engine.shape), self.cfg.train.grad_accum
-        T, micro_rows = layout.seq_len, layout.rows // accum
-        return [self.make_batch(self.tokens + (k * layout.rows + micro * micro_rows) * T, micro_rows, T)
-                for micro in range(accum)]
+        layout = self.engine.layout(self.engine.shape)
+        start = self.tokens + k * layout.rows * layout.seq_len
+        return [self.make_batch(offset, rows, layout.seq_len)
+                for offset, rows in layout.micro_batches(start, accum=self.cfg.train.grad_accum)]
 
     def make_batch(self, offset: int, rows: int, T: int, ahead: int = 0) -> dict:
         """The batch at `offset` on the device; `ahead`: where the next step's batch starts."""
@@ -387,7 +389,7 @@ class Trainer:
         if not math.isfinite(loss) and not self.cfg.train.skip_nonfinite:
             raise NonFiniteLoss(
                 f"The training loss became {loss} between steps {self.step - w['steps'] + 1} and {self.step}. "
-                f"{checkpoint.last_good_message(self)} Lower train.lr, raise optim.warmup_steps, or set "
+                f"{checkpoint.last_good_message(self.run_dir)} Lower train.lr, raise optim.warmup_steps, or set "
                 "train.skip_nonfinite=true to skip such steps (skips are counted in metrics.jsonl).")
         if evaluate:
             record.update(self.evaluate())
@@ -398,8 +400,8 @@ class Trainer:
             self.metrics.write(record)
             self.wandb.log(record)
             self.console.update(record)
-            if record["epoch"] >= 1 and not getattr(self, "_warned_repeat", False):
-                self._warned_repeat = True
+            if record["epoch"] >= 1 and not self.warned_repeat:
+                self.warned_repeat = True
                 self.console.print(f"warning: the training data repeats (epoch {record['epoch']} at step "
                                    f"{self.step}); use a larger corpus (data=pysite, files, hf, shards) for longer runs.")
 
@@ -416,8 +418,8 @@ class Trainer:
         for batch in self.eval_batches if batches is None else batches:
             b = {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
             with self.autocast:
-                _, loss = model(b["inputs"], b.get("targets", b.get("labels")), b.get("positions"), pool=pool)
-            n = (b.get("targets", b.get("labels"))).numel()
+                _, loss = model(b["inputs"], b["targets"], b.get("positions"), pool=pool)
+            n = b["targets"].numel()
             nll += loss.item() * n
             count += n
             nbytes += int(batch["target_bytes"])
@@ -473,18 +475,70 @@ class Trainer:
             self.growth_log.write(record)
             self.wandb.log_growth(record)
             self.console.print(growth_table(record))
-        checkpoint.save(self)
+        self.save_checkpoint()
+
+    # ------------------------------------------------------------------ checkpoints
+    def fingerprints(self) -> dict:
+        return {"data": self.corpus.data_fingerprint, "tokenizer": self.corpus.tokenizer_fingerprint}
+
+    def state_dict(self) -> dict:
+        """Everything the next step depends on, as named states (a collective: every rank gathers
+        FSDP's shards and the per-rank RNG states)."""
+        model_state, optim_state = distributed.full_state(self.model, self.optimizer)
+        return {
+            "model_args": dict(vars(self.model.args)),
+            "model": model_state,
+            "optimizer": optim_state,
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "counters": {"step": self.step, "tokens": self.tokens, "flops": self.flops,
+                         "wall_time": self.wall.total, "lr": self.lr},
+            "window": {k: (float(v) if torch.is_tensor(v) else v) for k, v in self.window.items()},
+            "last_val": self.last_val, "last_record": self.last_record, "warned_repeat": self.warned_repeat,
+            "engine": self.engine.state_dict(),
+            **checkpoint.rng_state(self.init_gen, self.dist),
+            "config": config_json(self.cfg),
+            "fingerprints": self.fingerprints(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        model = Transformer(ModelArgs(**state["model_args"])).to(self.device)
+        model.load_state_dict(state["model"])
+        self.engine.load_state_dict(state["engine"])
+        self.engine.restore_ramp(model, state["engine"])
+        self.model = model
+        self.optimizer = build_adamw(model, self.cfg.train.lr, self.cfg.optim, self.device.type)
+        distributed.load_optimizer_state(model, self.optimizer, state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        c = state["counters"]
+        self.step, self.tokens, self.flops, self.lr = c["step"], c["tokens"], c["flops"], c["lr"]
+        self.wall.total = c["wall_time"]
+        self.window = {**state["window"], "loss": torch.tensor(state["window"]["loss"], device=self.device)}
+        self.last_val, self.last_record = state["last_val"], state["last_record"]
+        self.warned_repeat = state["warned_repeat"]
+        checkpoint.load_rng_state(state, self.init_gen, self.dist.rank)
+
+    def save_checkpoint(self) -> Path:
+        """Checkpoint the current step (once per step: a signal right after a scheduled save
+        writes nothing new); every rank gathers, rank 0 writes."""
+        path = checkpoint.checkpoint_path(self.run_dir, self.step)
+        if self.saved_step == self.step:
+            return path
+        state = self.state_dict()
+        self.saved_step, self.last_save_time = self.step, time.monotonic()
+        if self.is_main:
+            checkpoint.save(self.run_dir, self.step, state, self.cfg.train.keep_checkpoints)
+        return path
 
     # ------------------------------------------------------------------ summary
     def summary(self, status: str, error: str | None) -> dict:
-        last = getattr(self, "last_record", None) or {}
+        last = self.last_record or {}
         val = self.last_val or {}
         return {
             "status": status, "error": error, "steps": self.step, "tokens": self.tokens, "flops": self.flops,
             "wall_time": self.wall.total, "params": self.model.num_params(),
             "final_loss": last.get("loss"), "final_val_loss": val.get("val_loss"), "final_val_bpb": val.get("val_bpb"),
             "final_shape": self.engine.shape.as_dict(), "growth_events": self.engine.events_done,
-            "preflight": getattr(self, "preflight", None), **self.downstream_results,
+            "preflight": self.preflight, **self.downstream_results,
             "choices": self.choices, "overrides": self.overrides, "seed": self.cfg.train.seed,
             "data_fingerprint": self.corpus.data_fingerprint, "tokenizer_fingerprint": self.corpus.tokenizer_fingerprint,
             "data": {"train_tokens": int(self.corpus.train.size), "val_tokens": int(self.corpus.val.size),

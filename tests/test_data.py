@@ -85,10 +85,23 @@ def test_split_is_deterministic_disjoint_and_seeded():
 
 
 def test_split_guarantees_both_sides():
-    assert sum(split_documents(["a", "b"], 0.0, seed=0)) == 1
+    assert sum(split_documents(["a", "b"], 1e-9, seed=0)) == 1
     assert sum(split_documents(["a", "b", "c"], 0.999999, seed=0)) == 2
-    with pytest.raises(DataError, match="val_fraction"):
-        split_documents(["a", "b"], 1.0, seed=0)
+
+
+def test_prepare_splits_as_msgrun_does(tmp_path):
+    """One split rule: 25 documents at val_fraction 0.05 hash none of them below the threshold;
+    msgrun moves the closest one to validation, and msgrun-prepare must do the same (it used to
+    train the tokenizer, write the train shard, then fail on an empty validation split)."""
+    from msgrun.data.prepare import prepare_shards
+
+    write_corpus(tmp_path / "corpus", n_docs=25)
+    cfg = make_cfg(tmp_path, val_fraction=0.05)
+    direct = prepare_data(cfg, log=quiet)
+    assert direct.num_val_docs == 1
+    manifest = prepare_shards(cfg, str(tmp_path / "shards"), log=quiet)
+    assert manifest["val_tokens"] == len(direct.val) and manifest["train_tokens"] == len(direct.train)
+    assert manifest["data_fingerprint"] == direct.data_fingerprint
 
 
 def test_prepare_data_split_and_roundtrip(tmp_path, corpus_dir, corpus):
@@ -497,10 +510,10 @@ def test_fixed_eval_batches_bert(corpus):
     original_rows = torch.stack([val[i * stride: i * stride + 16] for i in range(rows)])
     done = 0
     for x, y in zip(a, b):
-        assert all(torch.equal(x[k], y[k]) for k in ("inputs", "positions", "labels"))
+        assert all(torch.equal(x[k], y[k]) for k in ("inputs", "positions", "targets"))
         n = x["inputs"].shape[0]
-        assert torch.equal(x["labels"], original_rows[done: done + n].gather(1, x["positions"]))
-        assert x["target_bytes"] == int(corpus.token_bytes[x["labels"].numpy()].sum())
+        assert torch.equal(x["targets"], original_rows[done: done + n].gather(1, x["positions"]))
+        assert x["target_bytes"] == int(corpus.token_bytes[x["targets"].numpy()].sum())
         done += n
     assert any(torch.any(x["inputs"] == corpus.mask_id) for x in a)
 

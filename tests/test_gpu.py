@@ -210,7 +210,7 @@ def test_resume_reproduces_the_next_losses(device, make_cfg, tmp_path):
     for p in later:
         p.unlink()
     (resumed / "summary.json").unlink()
-    Trainer(make_cfg(*overrides, "train.resume=true"), resumed).run()
+    Trainer(make_cfg(*overrides), resumed).run()
     losses = {name: [(m["step"], m["loss"]) for m in read_jsonl(d / "metrics.jsonl") if m["step"] > 5]
               for name, d in (("whole", whole), ("resumed", resumed))}
     assert [s for s, _ in losses["resumed"]] == [6, 7, 8, 9, 10]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from msgrun.config import OptimConfig
+from msgrun.config import OptimConfig, check_config
 from msgrun.errors import ConfigError
 from msgrun.optim import LRSchedule
 from msgrun.train import Trainer
@@ -44,10 +44,32 @@ def test_wsd_holds_the_peak_then_decays_over_its_fraction():
     assert lrs[100] == pytest.approx(0.0)
     s.on_growth("rewind", 40, 0.4)  # nothing to rewind: the LR is at its peak
     assert s(40, 0.4) == pytest.approx(2.0) and s(100, 1.0) == pytest.approx(0.0)
-    with pytest.raises(ConfigError, match="optim.decay_fraction"):
-        LRSchedule.create(1.0, OptimConfig(decay="wsd", decay_fraction=0.0))
-    with pytest.raises(ConfigError, match="wsd"):
-        LRSchedule.create(1.0, OptimConfig(decay="cosinus"))
+
+
+def test_decay_choices_and_fraction_are_checked_once_by_check_config(make_cfg):
+    # the choices come from optim.DECAYS itself: before, check_config listed its own three and
+    # refused optim.decay=wsd, which LRSchedule implements
+    check_config(make_cfg("optim.decay=wsd"))
+    with pytest.raises(ConfigError, match=r"optim.decay_fraction = 0.0 is out of range"):
+        check_config(make_cfg("optim.decay=wsd", "optim.decay_fraction=0"))
+    with pytest.raises(ConfigError, match=r"optim.decay = 'cosinus'.*cosine, linear, constant, wsd"):
+        check_config(make_cfg("optim.decay=cosinus"))
+
+
+def test_wsd_trains_from_the_command_line(make_cfg, tmp_path):
+    """`msgrun optim.decay=wsd`: composed through Hydra, checked, trained; the LR holds the peak
+    until the last optim.decay_fraction of the budget, then decays linearly to the minimum."""
+    cfg = make_cfg("optim.decay=wsd", "optim.decay_fraction=0.25", "optim.min_lr_ratio=0", "optim.warmup_steps=2",
+                   "train.max_steps=20", "train.log_every=1", "train.eval_every=20", "train.lr=1e-3",
+                   "model.layers=1", "train.preflight=false")
+    check_config(cfg)
+    Trainer(cfg, tmp_path).run()
+    lrs = [m["lr"] for m in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in m]
+    assert len(lrs) == 20
+    assert lrs[0] == pytest.approx(5e-4)  # warmup
+    assert lrs[1:15] == pytest.approx([1e-3] * 14)  # stable through 75% of the budget
+    # step k runs at budget progress k/20: linear from the peak at 0.75 towards 0 at 1.0
+    assert lrs[15:] == pytest.approx([1e-3, 8e-4, 6e-4, 4e-4, 2e-4])
 
 
 def test_a_max_flops_run_reaches_its_peak_lr_and_ends_annealed(make_cfg, tmp_path):

@@ -46,7 +46,7 @@ def test_out_of_memory_is_one_paragraph_before_the_run_directory_is_touched(make
     (run / "summary.json").unlink()  # an interrupted run: resumable, so a bug here could damage it
     files = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
 
-    trainer = Trainer(make_cfg(*GROWING, "train.resume=true"), run)
+    trainer = Trainer(make_cfg(*GROWING), run)
     monkeypatch.setattr(target, attr, oom)
     with pytest.raises(OutOfMemory) as error:
         trainer.run()

@@ -316,7 +316,7 @@ def test_resuming_on_changed_shards_is_refused(tmp_path, make_cfg):
     (tmp_path / "run" / "summary.json").unlink()  # as if killed before the end
     write_llmc(d / "train.bin", counting_tokens(8000, seed=5))  # same path, other tokens
     with pytest.raises(CheckpointError, match="other data or with another tokenizer"):
-        Trainer(make_cfg(*args, "train.resume=true"), tmp_path / "run").run()
+        Trainer(make_cfg(*args), tmp_path / "run").run()
 
 
 def test_cli_empty_glob_is_one_paragraph_exit_2(tmp_path, cache_dir):
@@ -331,4 +331,16 @@ def test_cli_empty_glob_is_one_paragraph_exit_2(tmp_path, cache_dir):
     p = subprocess.run([sys.executable, "-m", "msgrun.prepare", "data=shards", f"out_dir={tmp_path}/o"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "msgrun-prepare: error: data.name='shards'" in p.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_prepare_runs_msgrun_config_checks_before_any_work(tmp_path):
+    """msgrun-prepare checks the data keys as msgrun does: data.val_fraction=0 was accepted, the
+    whole corpus encoded into the train split, and the empty validation split refused at the end."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    p = subprocess.run([sys.executable, "-m", "msgrun.prepare", "data=pystdlib", "data.max_docs=20",
+                        "data.val_fraction=0", f"out_dir={tmp_path}/o", "hydra.run.dir=."],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "msgrun-prepare: error: data.val_fraction = 0.0 is out of range" in p.stderr
     assert not (tmp_path / "o").exists()

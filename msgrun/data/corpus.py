@@ -27,7 +27,7 @@ import numpy as np
 
 from msgrun.data.common import DataError, _atomic_write, _mb
 from msgrun.data.shards import RAW_DTYPES, Shard, SplitWriter, Tokens, read_shard, sample_fingerprint, scan_max_id
-from msgrun.data.sources import fingerprint, list_documents, split_documents
+from msgrun.data.sources import fingerprint, list_documents, split_corpus
 from msgrun.data.tokenizer import (
     EOT, MASK, PAD, special_ids, _vocab_size, encode_stream, get_tokenizer, load_tokenizer, token_byte_lengths,
     token_dtype,
@@ -78,12 +78,7 @@ def prepare_data(cfg, log: Callable[[str], None] = print) -> Corpus:
         return open_shards(cfg, log)
     t0 = time.perf_counter()
     docs, searched = list_documents(cfg)
-    is_val = split_documents([d.name for d in docs], cfg.val_fraction, cfg.split_seed)
-    if len(docs) < 2:
-        raise DataError(
-            f"data.name={cfg.name}: found a single document in {searched}; the train/validation "
-            "split is by document, so at least 2 are needed (add files or raise data.max_docs)."
-        )
+    is_val = split_corpus(cfg, [d.name for d in docs], searched)
     train_docs = [d for d, v in zip(docs, is_val) if not v]
     val_docs = [d for d, v in zip(docs, is_val) if v]
     data_fp = fingerprint(cfg.name, docs, is_val)

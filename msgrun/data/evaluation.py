@@ -23,7 +23,7 @@ def fixed_eval_batches(
     """The same held-out batches for every run: eval_tokens tokens of corpus.val as rows of
     seq_len + 1 taken at evenly spaced offsets across the whole split (the first tokens alone
     can be one unrepresentative file), in order (the last batch may have fewer rows). gpt: {inputs, targets};
-    bert: {inputs (masked), positions, labels} with masks fixed by `seed`. Every batch carries
+    bert: {inputs (masked), positions, targets (the labels at those positions)} with masks fixed by `seed`. Every batch carries
     target_bytes (an int): the UTF-8 bytes of the tokens it predicts, 0 when the corpus has no
     tokenizer to say (shards read with data.vocab_size alone)."""
     if family not in ("gpt", "bert"):
@@ -60,6 +60,6 @@ def fixed_eval_batches(
                 mask_id=corpus.mask_id, vocab_size=corpus.vocab_size,
                 special_ids=corpus.special_ids, probability=mlm_probability,
             )
-            batches.append({"inputs": masked, "positions": positions, "labels": labels,
+            batches.append({"inputs": masked, "positions": positions, "targets": labels,
                             "target_bytes": int(target_bytes(tb, labels))})
     return batches

@@ -29,7 +29,7 @@ from typing import Callable, Optional
 from msgrun.data.common import DataError, _atomic_write
 from msgrun.data.shards import SplitWriter
 from msgrun.data.sources import (
-    SOURCES, Fingerprint, check_val_fraction, is_val_document, iter_documents, no_documents_message,
+    SOURCES, Fingerprint, iter_documents, no_documents_message, split_corpus,
 )
 from msgrun.data.tokenizer import BATCH_BYTES, EOT, _vocab_size, encode_stream, get_tokenizer, token_dtype
 
@@ -103,7 +103,6 @@ def prepare_shards(cfg, out_dir: Optional[str], shard_tokens: int = 100_000_000,
                         "an unfinished one is resumed, a finished one left as it is).")
     if shard_tokens < 1 or batch_bytes < 1:
         raise DataError(f"shard_tokens={shard_tokens} and batch_bytes={batch_bytes} must be positive.")
-    check_val_fraction(cfg.val_fraction)
     out = os.path.abspath(os.path.expanduser(str(out_dir)))
     identity = _identity(cfg, shard_tokens)
     created = not os.path.exists(out)
@@ -133,6 +132,10 @@ def _prepare_locked(cfg, out, identity, shard_tokens, batch_bytes, log, progress
                             f"({_differences(state.get('identity', {}), identity)}). Run that command again to "
                             "finish it, or choose another out_dir.")
         docs, searched = iter_documents(cfg)  # configuration errors surface here, before any work
+        # the split needs every name (msgrun's rule keeps both splits non-empty): one listing pass,
+        # before the tokenizer is trained, so a corpus that cannot be split costs nothing
+        names = [d.name for d in iter_documents(cfg)[0]]
+        val_names = {n for n, v in zip(names, split_corpus(cfg, names, searched)) if v}
         # we hold the lock, so temp files here are leftovers of a killed prepare of this directory
         for name in os.listdir(out):
             if name.startswith(".") and ".tmp-" in name:
@@ -140,7 +143,7 @@ def _prepare_locked(cfg, out, identity, shard_tokens, batch_bytes, log, progress
 
         def train_texts():
             for d in iter_documents(cfg)[0]:
-                if not is_val_document(d.name, cfg.val_fraction, cfg.split_seed):
+                if d.name not in val_names:
                     yield d.read()
         tok_file = os.path.join(out, "tokenizer.json")
         if state is None and os.path.exists(tok_file):
@@ -167,11 +170,11 @@ def _prepare_locked(cfg, out, identity, shard_tokens, batch_bytes, log, progress
             state = {"identity": identity, "tokenizer_fingerprint": tok_fp,
                      "splits": {s: {"shards": [], "next_doc": 0} for s in SPLITS}}
             _write_json(progress_path, state)
-        return _encode(cfg, docs, searched, tok, tok_fp, eot_id, dtype, out, shard_tokens, batch_bytes, state,
-                       log, progress)
+        return _encode(cfg, docs, searched, val_names, tok, tok_fp, eot_id, dtype, out, shard_tokens, batch_bytes,
+                       state, log, progress)
 
 
-def _encode(cfg, docs, searched, tok, tok_fp, eot_id, dtype, out, shard_tokens, batch_bytes, state, log,
+def _encode(cfg, docs, searched, val_names, tok, tok_fp, eot_id, dtype, out, shard_tokens, batch_bytes, state, log,
             progress) -> dict:
     progress_path = os.path.join(out, "progress.json")
     resumed = {s: state["splits"][s]["next_doc"] for s in SPLITS}
@@ -196,7 +199,7 @@ def _encode(cfg, docs, searched, tok, tok_fp, eot_id, dtype, out, shard_tokens, 
 
     def todo():
         for i, doc in enumerate(docs):
-            split = "val" if is_val_document(doc.name, cfg.val_fraction, cfg.split_seed) else "train"
+            split = "val" if doc.name in val_names else "train"
             fingerprint.update(doc, split == "val")
             seen["docs"] = i + 1
             if i >= resumed[split]:  # earlier documents of this split are in finished shards

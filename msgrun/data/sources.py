@@ -17,7 +17,8 @@ from typing import Iterable, Iterator, List, Optional, Sequence
 
 from msgrun.data.common import DataError, _hash
 
-SOURCES = ("pystdlib", "pysite", "files", "hf")
+SOURCES = ("pystdlib", "pysite", "files", "hf")  # text sources (iter_documents)
+DATA_NAMES = SOURCES + ("shards",)  # data.name: shards are read as they are (corpus.prepare_data)
 _CACHE_VERSION = "1"  # bump when the cached bytes would change for the same inputs
 
 # Documents
@@ -322,20 +323,10 @@ def _split_key(seed: int, name: str) -> float:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest(), "big") / 2.0**64
 
 
-def is_val_document(name: str, val_fraction: float, seed: int) -> bool:
-    """The split of one document, decided by its name alone (what a streaming pass uses)."""
-    return _split_key(seed, name) < val_fraction
-
-
-def check_val_fraction(val_fraction: float) -> None:
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"data.val_fraction={val_fraction} must be in [0, 1).")
-
-
 def split_documents(names: Sequence[str], val_fraction: float, seed: int) -> List[bool]:
     """is_val for each name. A document is held out iff hash(seed:name) < val_fraction, so the
-    decision depends on nothing but the name: adding a file never moves another one."""
-    check_val_fraction(val_fraction)
+    decision depends on nothing but the name: adding a file never moves another one. val_fraction
+    lies in (0, 1) (config.RANGES; check_config refuses anything else)."""
     keys = [_split_key(seed, n) for n in names]
     is_val = [k < val_fraction for k in keys]
     if len(names) >= 2:
@@ -345,6 +336,20 @@ def split_documents(names: Sequence[str], val_fraction: float, seed: int) -> Lis
         if all(is_val):
             is_val[max(range(len(keys)), key=lambda i: (keys[i], -i))] = False
     return is_val
+
+
+def split_corpus(cfg, names: Sequence[str], searched: str) -> List[bool]:
+    """The train/validation split of a corpus (cfg a DataConfig), by document name: the one rule
+    that `msgrun` and `msgrun-prepare` share, so a corpus prepared into shards splits as the same
+    corpus read directly. Refuses a corpus that cannot be split."""
+    if not names:
+        raise DataError(no_documents_message(cfg, searched))
+    if len(names) < 2:
+        raise DataError(
+            f"data.name={cfg.name}: found a single document in {searched}; the train/validation "
+            "split is by document, so at least 2 are needed (add files or raise data.max_docs)."
+        )
+    return split_documents(names, cfg.val_fraction, cfg.split_seed)
 
 
 class Fingerprint:
