@@ -49,7 +49,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from msgrun.errors import ConfigError
-from msgrun.growth import expansion, lemon, ligo
+from msgrun.growth import expansion, gzero, lemon, ligo
 from msgrun.growth.schedule import Shape, Stage, check_ramp_steps
 from msgrun.growth.surgery import (Origin, UnitMap, grow_parameters, parameter_axes, transplant, unit_maps_for,
                                    unit_size)
@@ -66,6 +66,9 @@ METHODS = {
 METHODS["layers"] += expansion.DEPTH_METHODS + ("ligo",)
 for _d in ("hidden", "heads", "ffn"):
     METHODS[_d] += ("lemon", "ligo")
+# G_stack's G_zero for every dimension (growth/gzero.py); its G_random is msg (conf/operator/gstack_random.yaml)
+for _d in ("layers", "hidden", "heads", "ffn"):
+    METHODS[_d] += ("zero",)
 COPYING = ("fpi", "aki", "tile")
 CHOICES = {
     "depth_init": ("copy", "random"),
@@ -189,6 +192,8 @@ class GrowthOperator:
                         "part of the stack.")
                 if d == "layers" and method in expansion.DEPTH_METHODS:
                     expansion.check_depth(method, old, new, self.family, stage.describe())
+                if d == "layers" and method == "zero":
+                    gzero.check_depth(old, new, self.family, stage.describe())
                 if method == "lemon" and d != "layers":
                     lemon.check_width(d, old, new, self.family, stage.describe())
                 if method == "aki" and d == "hidden":
@@ -216,12 +221,12 @@ class GrowthOperator:
     # ------------------------------------------------------------------ building the grown model
     def unit_map(self, dim: str, old: int, new: int, gen: torch.Generator) -> UnitMap:
         method = self.methods[dim]
-        if method == "msg":
+        if method in ("msg", "zero"):
             return UnitMap.append_new(old, new)
         if method == "tile":
             return UnitMap.from_sources(torch.arange(new) % old)
         if method == "lemon":
-            return lemon.unit_map(dim, old, new, self.cfg.symmetry_noise, gen)
+            return lemon.unit_map(dim, old, new)
         # fpi / aki: originals stay in place; each new unit copies a source unit
         extra = new - old
         if self.cfg.mapping == "left":
@@ -237,8 +242,8 @@ class GrowthOperator:
         rebuilt on resume."""
         if new_layers == old_layers:
             return list(range(old_layers)), [False] * old_layers, [False] * old_layers
-        if self.methods["layers"] in expansion.DEPTH_METHODS:  # copies without masks (growth/expansion.py)
-            sources = expansion.layer_sources(self.methods["layers"], old_layers, new_layers)[0]
+        if self.methods["layers"] in expansion.DEPTH_METHODS + ("zero",):  # copies without masks
+            sources = self.zeroed_layers(old_layers, new_layers)[0]
             return sources, [False] * new_layers, [not k for k in first_occurrences(sources)]
         sources = layer_map(old_layers, new_layers, self.cfg.depth_order, self.cfg.depth_remainder)
         kept = first_occurrences(sources)
@@ -246,6 +251,12 @@ class GrowthOperator:
         if msg and self.cfg.depth_init == "random":
             sources = [s if k else None for s, k in zip(sources, kept)]
         return sources, [msg and not k for k in kept], [not k for k in kept]
+
+    def zeroed_layers(self, old_layers: int, new_layers: int) -> tuple[list[int], list[bool]]:
+        """Layer map of a depth method without masks, and the layers whose output projections are zeroed."""
+        if self.methods["layers"] == "zero":
+            return gzero.layer_sources(old_layers, new_layers)
+        return expansion.layer_sources(self.methods["layers"], old_layers, new_layers)
 
     def mask_plan(self, old_args: ModelArgs, new_args: ModelArgs) -> tuple[dict[str, torch.Tensor], list[bool]]:
         """MSG's new-unit indicators (entry level: a head is head_dim channels) and new layers."""
@@ -273,11 +284,15 @@ class GrowthOperator:
                 take_from_next_layer(grown_model, model, d, origins)
             if self.methods[d] in COPYING and self.cfg.symmetry_noise > 0:
                 break_symmetry(grown_model, d, um, self.cfg.symmetry_noise, gen)
+            if self.methods[d] == "lemon":
+                lemon.split_consumers(grown_model, d, um, self.cfg.symmetry_noise, gen)
         if "hidden" in unit_maps and self.methods["hidden"] == "lemon":
             lemon.finish_hidden(grown_model, old_args.hidden)
-        if self.methods["layers"] in expansion.IDENTITY_ENTRY and new_args.layers != old_args.layers:
-            expansion.zero_output_projections(
-                grown_model, expansion.layer_sources(self.methods["layers"], old_args.layers, new_args.layers)[1])
+        zero_dims = [d for d in unit_maps if self.methods[d] == "zero"]
+        if zero_dims:
+            gzero.zero_new_rows(grown_model, old_args, unit_maps, zero_dims)
+        if self.methods["layers"] in expansion.IDENTITY_ENTRY + ("zero",) and new_args.layers != old_args.layers:
+            expansion.zero_output_projections(grown_model, self.zeroed_layers(old_args.layers, new_args.layers)[1])
         new_units, new_layers = self.mask_plan(old_args, new_args)
         return Grown(grown_model, origins, new_units, new_layers, copied)
 
