@@ -273,7 +273,7 @@ class GrowthOperator:
         if self.methods["hidden"] == "lemon":
             new_args = lemon.grown_args(old_args, new_args)
         if "ligo" in self.methods.values():  # one learned operator for every dimension (growth/ligo.py)
-            grown_model, flops = ligo.fit(model, new_args, gen, self.cfg.ligo_steps, self.cfg.ligo_lr, self.fit_data)
+            grown_model, flops = ligo.fit(model, new_args, gen, self.cfg, self.fit_data)
             return Grown(grown_model, {name: Origin(None) for name, _ in grown_model.named_parameters()},
                          operator_flops=flops)
         unit_maps = unit_maps_for(old_args, new_args, lambda d, o, n: self.unit_map(d, o, n, gen))
