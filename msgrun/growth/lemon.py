@@ -91,15 +91,16 @@ def split_consumers(model: Transformer, dim: str, um: UnitMap, eta: float, gen: 
         axes = parameter_axes(name, args)
         if p.dim() != 2 or not (axes[1].dim == dim and axes[1].fan_in):
             continue
-        dev = p.device
+        dev, rows = p.device, p.shape[0]
         cols = p.float()
-        total = torch.zeros(p.shape[0], n_old, device=dev).index_add_(1, src[src >= 0].to(dev), cols[:, src >= 0])
-        c = torch.randn(p.shape[0], int(extra.sum()), generator=gen).to(dev) * (eta * init_std(name, args))
+        kept = (src >= 0).to(dev)
+        # the group sums of the transplanted columns (A/k each) are A, per source unit
+        a = torch.zeros(rows, n_old, device=dev).index_add_(1, src[src >= 0].to(dev), cols[:, kept])
+        c = torch.randn(rows, int(extra.sum()), generator=gen).to(dev) * (eta * init_std(name, args))
+        c_sum = torch.zeros(rows, n_old, device=dev).index_add_(1, src[extra].to(dev), c)
         out = cols.clone()
         out[:, extra.to(dev)] = c
-        out[:, first.to(dev)] = total[:, src[first].to(dev)]
-        out[:, first.to(dev)] -= torch.zeros(p.shape[0], n_old, device=dev).index_add_(
-            1, src[extra].to(dev), c)[:, src[first].to(dev)]
+        out[:, first.to(dev)] = (a - c_sum)[:, src[first].to(dev)]
         out[:, fresh_cols.to(dev)] *= eta
         p.copy_(out.to(p.dtype))
 
