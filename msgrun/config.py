@@ -168,7 +168,11 @@ class OperatorConfig:
     # block expansion and learned growth (growth/expansion.py, growth/ligo.py)
     freeze_old: bool = False  # layers=llama_pro: after the event only the new blocks train (LLaMA-Pro's recipe)
     ligo_steps: int = 100  # LiGO: steps fitting the growth operator (training compute, charged to the run)
-    ligo_lr: float = 1e-3  # LiGO: Adam learning rate of the operator's fitting
+    ligo_lr: float = 2e-4  # LiGO: peak AdamW learning rate of the operator's fitting (the reference's)
+    ligo_warmup: int = 10000  # LiGO: linear warmup steps of the fitting's LR (the reference's config: 10000)
+    ligo_weight_decay: float = 0.1  # LiGO: AdamW weight decay of the fitting
+    ligo_clip: float = 1.0  # LiGO: gradient-norm clipping of the fitting (0: none)
+    ligo_noise: float = 0.03  # LiGO: U(0, noise) added to the one-hot depth init (stackbert_noisy; 0: exact one-hot)
 
 
 @dataclass
@@ -329,6 +333,10 @@ RANGES = {
     "operator.symmetry_noise": "[0, inf)",
     "operator.ligo_steps": "[1, inf)",
     "operator.ligo_lr": "(0, inf)",
+    "operator.ligo_warmup": "[0, inf)",
+    "operator.ligo_weight_decay": "[0, inf)",
+    "operator.ligo_clip": "[0, inf)",
+    "operator.ligo_noise": "[0, inf)",
     "eval.every": "[0, inf)",
     "eval.lm_eval.limit": "(0, inf)",
     "eval.lm_eval.num_fewshot": "[0, inf)",

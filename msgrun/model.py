@@ -191,6 +191,11 @@ class MLMHead(nn.Module):
         return self.norm(F.gelu(self.dense(x), approximate=self.gelu))
 
 
+def init_std(name: str, args: ModelArgs) -> float:
+    """The standard deviation a fresh matrix `name` is drawn with (Transformer.reset_parameters)."""
+    return args.init_std / math.sqrt(2 * args.layers) if name.endswith("proj.weight") else args.init_std
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, generator: torch.Generator | None = None):
         super().__init__()
@@ -215,13 +220,11 @@ class Transformer(nn.Module):
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """GPT-2 init: N(0, std) everywhere, residual projections scaled by 1/sqrt(2L) so the
         residual stream's variance does not grow with depth; zero biases, unit norm gains."""
-        std = self.args.init_std
         for name, p in self.named_parameters():
             if p.dim() == 1:  # biases and norm parameters
                 nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
             else:
-                s = std / math.sqrt(2 * self.args.layers) if name.endswith("proj.weight") else std
-                nn.init.normal_(p, 0.0, s, generator=generator)
+                nn.init.normal_(p, 0.0, init_std(name, self.args), generator=generator)
 
     def compile_units(self) -> None:
         """torch.compile each block and the head as separate units, shapes static.

@@ -105,7 +105,7 @@ def with_variant(methods: dict[str, str | None], variant: str) -> dict[str, str 
     return {d: "aki" if m == "fpi" and d in ("heads", "ffn") else m for d, m in methods.items()}
 
 
-def aki_finish(grown, old_model, dim, um, origins, cfg, gen) -> None:
+def aki_finish(grown, old_model, dim, unit_maps, origins, cfg, gen) -> None:
     take_from_next_layer(grown, old_model, dim, origins)
 
 

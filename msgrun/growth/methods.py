@@ -26,7 +26,8 @@ from msgrun.growth.surgery import UnitMap
 #   layer_sources(old, new, cfg) -> (sources, masked, zeroed)
 #       sources: the old layer each new layer copies (None: fresh init); masked: layers that enter
 #       under MSG's identity mask; zeroed: layers whose output projections are zeroed (identity entry)
-#   finish(grown, old_model, dim, unit_map, origins, cfg, gen)   after the generic transplant
+#   finish(grown, old_model, dim, unit_maps, origins, cfg, gen)   after the generic transplant of every
+#       grown dimension (unit_maps: all of this event's, by dimension); hidden is finished last
 #   grown_args(old_args, new_args) -> new_args   a hidden method that changes more than the sizes (LEMON's eps)
 #   build(old_model, new_args, gen, cfg, fit_data) -> (model, operator_flops)   the whole grown model
 #   resolve(family, pos) -> name                  an alias resolved per architecture (seq_len=auto)

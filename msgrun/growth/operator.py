@@ -213,12 +213,14 @@ class GrowthOperator:
                                   lambda d, o, n: self.method(d).unit_map(d, o, n, self.cfg, gen))
         layer_sources, _, copied, zeroed = self.layer_plan(old_args.layers, new_args.layers)
         grown_model, origins = grow_parameters(model, new_args, unit_maps, layer_sources, gen)
-        for d, um in unit_maps.items():
+        # hidden last: finishing the residual width may rewrite what other dimensions' steps left (LEMON
+        # averages the residual writers' rows after every consumer split)
+        for d in sorted(unit_maps, key=lambda d: d == "hidden"):
             method = self.method(d)
             if method.finish is not None:
-                method.finish(grown_model, model, d, um, origins, self.cfg, gen)
+                method.finish(grown_model, model, d, unit_maps, origins, self.cfg, gen)
             if method.copies and self.cfg.symmetry_noise > 0:
-                break_symmetry(grown_model, d, um, self.cfg.symmetry_noise, gen)
+                break_symmetry(grown_model, d, unit_maps[d], self.cfg.symmetry_noise, gen)
         zero_output_projections(grown_model, zeroed)
         new_units, new_layers = self.mask_plan(old_args, new_args)
         return Grown(grown_model, origins, new_units, new_layers, copied, zeroed)

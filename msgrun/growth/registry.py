@@ -8,10 +8,11 @@ Adding a method: write its module (a `Method` with its hooks, growth/methods.py)
 
 from __future__ import annotations
 
-from msgrun.growth import copying, expansion, lemon, ligo
+from msgrun.growth import copying, expansion, gzero, lemon, ligo
 from msgrun.growth.methods import CORE, Method
 
-REGISTERED: tuple[Method, ...] = (*CORE, *copying.METHODS, *expansion.METHODS, lemon.METHOD, ligo.METHOD)
+REGISTERED: tuple[Method, ...] = (*CORE, *copying.METHODS, *expansion.METHODS, lemon.METHOD, ligo.METHOD,
+                                  gzero.METHOD)
 REGISTRY: dict[str, Method] = {m.name: m for m in REGISTERED}
 assert len(REGISTRY) == len(REGISTERED), "two growth methods share a name"
 
