@@ -129,7 +129,7 @@ class GrowthEngine:
             raise ConfigError(
                 f"G_stack's growth-timing guideline gives d = {d:.3g} tokens for the small model (N = {params:,} "
                 f"parameters, D = {budget_tokens:.3g} tokens, C = 6ND = {6 * params * budget_tokens:.3g}), which is "
-                "not before the end of the run. The formula was fitted on models of 410M-7B parameters and budgets of "
+                f"not before the end of the run: d / D = {d / budget_tokens:.3g}. The formula was fitted on models of 410M-7B parameters and budgets of "
                 "tens of billions of tokens; at this scale it does not give a usable time. Use schedule=gstack_g4 "
                 "with an explicit trigger, or a larger model and budget.")
         s = stages[0]
