@@ -24,6 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from msgrun import protocol
 from msgrun.config import check_config, register_configs
 from msgrun.errors import MsgrunError
 from msgrun.preemption import Interrupted
@@ -47,6 +48,7 @@ def run_job(cfg: DictConfig) -> float | None:
     created[run_dir] = CREATED_ROOT.get(str(run_dir)) if not multirun else None
     try:
         check_config(cfg)
+        protocol.check(cfg)
         jobs = []
         for seed, d in zip(seeds or [None], job_dirs):
             job_cfg, job_overrides = cfg, overrides
@@ -59,14 +61,22 @@ def run_job(cfg: DictConfig) -> float | None:
                 if not (multirun or seeds):
                     raise MsgrunError(finished_run_message(d))
                 print(f"msgrun: {d} holds this configuration's finished run; not trained again", file=sys.stderr)
+                if protocol.wants_baseline(job_cfg):  # its matched baseline may not have finished
+                    jobs.append((job_cfg, d, job_overrides, True))
                 continue
-            jobs.append((job_cfg, d, job_overrides))
+            jobs.append((job_cfg, d, job_overrides, False))
         write_hydra_record(run_dir, cfg)
         from msgrun.callbacks import objective_value
         from msgrun.train import Trainer  # torch is imported only once the config is known good
 
-        for job_cfg, d, job_overrides in jobs:
-            Trainer(job_cfg, d, choices, job_overrides).run()
+        for job_cfg, d, job_overrides, finished in jobs:
+            trainer = Trainer(job_cfg, d, choices, job_overrides)
+            if protocol.wants_baseline(job_cfg):  # protocol=matched: FLOPs planned before the arm trains
+                trainer.planned_flops = protocol.planned_flops(trainer.engine)
+            if not finished:
+                trainer.run()
+            if protocol.wants_baseline(job_cfg):
+                protocol.train_matched_baseline(trainer, job_overrides)
         return objective_value(cfg, job_dirs)
     except Interrupted as e:
         print(f"msgrun: {e}", file=sys.stderr, flush=True)

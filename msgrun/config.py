@@ -245,6 +245,13 @@ class EvalConfig:
 
 
 @dataclass
+class ProtocolConfig:
+    """What a job trains besides its run (msgrun/protocol.py)."""
+
+    name: str = "none"  # none | matched (each growth arm also trains its compute-matched baseline)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -255,6 +262,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
 
 
 def register_configs() -> None:
