@@ -50,6 +50,8 @@ def test_differences_ignore_growth_budget_seed_and_logging_but_nothing_else():
     assert differences(CONFIG, config(**{"model.hidden": 128, "optim.warmup_steps": 20})) == [
         "model.hidden", "optim.warmup_steps"]
     assert differences(CONFIG, {}) is None  # unknown: cannot be checked
+    # a wandb copy of the config carries wandb's own record beside the settings
+    assert differences({**CONFIG, "_wandb": {"t": 1}}, {**CONFIG, "_wandb": {"t": 2}}) == []
 
 
 def test_a_baseline_that_differs_is_never_matched(tmp_path):

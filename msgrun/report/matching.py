@@ -16,7 +16,8 @@ What may differ:
 * settings that cannot change what a run learns (INCIDENTAL): where and how often it logs,
   evaluates downstream and checkpoints, its device, threads, compilation and launcher.
 
-Everything else, including keys this list has never heard of, must be equal.
+Everything else, including keys this list has never heard of, must be equal. (Top-level keys
+that are not settings, such as the `_wandb` record in a wandb copy of the config, are skipped.)
 """
 
 from __future__ import annotations
@@ -36,9 +37,15 @@ INCIDENTAL = ("train.device", "train.compile", "train.eval_every", "train.log_ev
               "train.preflight", "train.distributed", "logger.", "eval.", "objective.", "data.cache_dir", "protocol.")
 
 
+# not settings: what a wandb copy of the config carries beside them (wandb's own `_wandb` record)
+METADATA = ("_", "choices", "overrides", "hydra")
+
+
 def free_to_differ(key: str) -> bool:
     """Whether a config key may differ between an arm and its matched baseline."""
-    return (key.startswith(GROWTH_PREFIXES) or key in BUDGET_KEYS or key in SEED_KEYS
+    top = key.split(".")[0]
+    return (top.startswith("_") or top in METADATA
+            or key.startswith(GROWTH_PREFIXES) or key in BUDGET_KEYS or key in SEED_KEYS
             or any(key == k or (k.endswith(".") and key.startswith(k)) for k in INCIDENTAL))
 
 
