@@ -98,6 +98,7 @@ class TrainConfig:
     distributed: str = "none"  # none | ddp | fsdp (under torchrun)
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
     preflight: bool = True  # replay the last growth event and a final-shape step first (msgrun/preflight.py)
+    branch_from: Optional[str] = None  # a run directory: start from its checkpoint with this budget (msgrun/branch.py)
 
 
 @dataclass
@@ -288,6 +289,7 @@ CHOICES = {
     "logger.wandb.mode": ("msgrun.tracking", "WANDB_MODES"),
     "logger.console": ("msgrun.tracking", "CONSOLES"),
     "objective.metric": ("msgrun.callbacks", "METRICS"),
+    "protocol.name": ("msgrun.protocol", "PROTOCOLS"),
 }
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from msgrun import checkpoint, data, distributed, provenance
+from msgrun import branch, checkpoint, data, distributed, provenance
 from msgrun.errors import MsgrunError
 from msgrun.evaluate import Downstream
 from msgrun.flops import train_flops
@@ -146,6 +146,7 @@ class Trainer:
         if state is not None:
             self.load_state_dict(state)
         resumed = state is not None
+        self.branch = branch.prepare(self, resumed)  # train.branch_from: start from the parent's checkpoint
         self._wrap()
         if self.is_main:
             self.metrics = JsonLines(self.run_dir / "metrics.jsonl")
@@ -540,6 +541,7 @@ class Trainer:
             "final_shape": self.engine.shape.as_dict(), "growth_events": self.engine.events_done,
             "preflight": self.preflight, **self.downstream_results,
             "choices": self.choices, "overrides": self.overrides, "seed": self.cfg.train.seed,
+            "branch_from": getattr(self, "branch", None),
             "data_fingerprint": self.corpus.data_fingerprint, "tokenizer_fingerprint": self.corpus.tokenizer_fingerprint,
             "data": {"train_tokens": int(self.corpus.train.size), "val_tokens": int(self.corpus.val.size),
                      "epochs": self.tokens / max(int(self.corpus.train.size), 1)},

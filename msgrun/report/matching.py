@@ -41,12 +41,16 @@ INCIDENTAL = ("train.device", "train.compile", "train.eval_every", "train.log_ev
 METADATA = ("_", "choices", "overrides", "hydra")
 
 
-def free_to_differ(key: str) -> bool:
-    """Whether a config key may differ between an arm and its matched baseline."""
+def incidental(key: str) -> bool:
+    """Whether a config key cannot change what a run learns (INCIDENTAL, METADATA)."""
     top = key.split(".")[0]
     return (top.startswith("_") or top in METADATA
-            or key.startswith(GROWTH_PREFIXES) or key in BUDGET_KEYS or key in SEED_KEYS
             or any(key == k or (k.endswith(".") and key.startswith(k)) for k in INCIDENTAL))
+
+
+def free_to_differ(key: str) -> bool:
+    """Whether a config key may differ between an arm and its matched baseline."""
+    return key.startswith(GROWTH_PREFIXES) or key in BUDGET_KEYS or key in SEED_KEYS or incidental(key)
 
 
 def flatten(node, prefix: str = "") -> dict[str, object]:
