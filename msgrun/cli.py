@@ -48,7 +48,6 @@ def run_job(cfg: DictConfig) -> float | None:
     created[run_dir] = CREATED_ROOT.get(str(run_dir)) if not multirun else None
     try:
         check_config(cfg)
-        protocol.check(cfg)
         jobs = []
         for seed, d in zip(seeds or [None], job_dirs):
             job_cfg, job_overrides = cfg, overrides

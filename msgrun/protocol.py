@@ -21,22 +21,13 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from msgrun.config import OperatorConfig, ScheduleConfig
-from msgrun.errors import ConfigError
 
 from msgrun.report.matching import BASELINE_DIR, BUDGET_KEYS, SEED_KEYS, baseline_overrides
 
-PROTOCOLS = ("none", "matched")
-
-
-def check(cfg) -> None:
-    if cfg.protocol.name not in PROTOCOLS:
-        raise ConfigError(f"protocol.name = {cfg.protocol.name!r} is not a valid choice; choose one of "
-                          f"{', '.join(PROTOCOLS)} (protocol=matched trains each growth arm's compute-matched "
-                          "baseline in the same multirun).")
+PROTOCOLS = ("none", "matched")  # protocol.name (config.CHOICES reads these)
 
 
 def wants_baseline(cfg) -> bool:
-    check(cfg)
     return cfg.protocol.name == "matched" and bool(cfg.schedule.stages)
 
 

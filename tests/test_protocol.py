@@ -14,6 +14,7 @@ import pytest
 
 from conftest import FAST
 from msgrun import protocol
+from msgrun.config import check_config
 from msgrun.errors import ConfigError
 from msgrun.report import analyse, load_runs
 from msgrun.report.matching import baseline_overrides, differences, matched_commands
@@ -199,4 +200,4 @@ def test_planned_flops_follow_the_engines_simulation(make_cfg):
 
 def test_an_unknown_protocol_is_refused(make_cfg):
     with pytest.raises(ConfigError, match="protocol.name = 'matchd' is not a valid choice; choose one of none, matched"):
-        protocol.check(make_cfg("protocol.name=matchd"))
+        check_config(make_cfg("protocol.name=matchd"))
