@@ -21,7 +21,6 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from msgrun.config import OperatorConfig, ScheduleConfig
-
 from msgrun.report.matching import BASELINE_DIR, BUDGET_KEYS, SEED_KEYS, baseline_overrides
 
 PROTOCOLS = ("none", "matched")  # protocol.name (config.CHOICES reads these)
