@@ -24,6 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from msgrun import protocol
 from msgrun.config import check_config, register_configs
 from msgrun.errors import MsgrunError
 from msgrun.preemption import Interrupted
@@ -59,14 +60,22 @@ def run_job(cfg: DictConfig) -> float | None:
                 if not (multirun or seeds):
                     raise MsgrunError(finished_run_message(d))
                 print(f"msgrun: {d} holds this configuration's finished run; not trained again", file=sys.stderr)
+                if protocol.wants_baseline(job_cfg):  # its matched baseline may not have finished
+                    jobs.append((job_cfg, d, job_overrides, True))
                 continue
-            jobs.append((job_cfg, d, job_overrides))
+            jobs.append((job_cfg, d, job_overrides, False))
         write_hydra_record(run_dir, cfg)
         from msgrun.callbacks import objective_value
         from msgrun.train import Trainer  # torch is imported only once the config is known good
 
-        for job_cfg, d, job_overrides in jobs:
-            Trainer(job_cfg, d, choices, job_overrides).run()
+        for job_cfg, d, job_overrides, finished in jobs:
+            trainer = Trainer(job_cfg, d, choices, job_overrides)
+            # protocol=matched: the arm's FLOPs are planned before it trains, its baseline trains after it
+            planned = trainer.planned_flops() if protocol.wants_baseline(job_cfg) else None
+            if not finished:
+                trainer.run()
+            if planned is not None:
+                protocol.train_matched_baseline(job_cfg, d, choices, job_overrides, planned)
         return objective_value(cfg, job_dirs)
     except Interrupted as e:
         print(f"msgrun: {e}", file=sys.stderr, flush=True)

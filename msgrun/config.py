@@ -98,6 +98,7 @@ class TrainConfig:
     distributed: str = "none"  # none | ddp | fsdp (under torchrun)
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
     preflight: bool = True  # replay the last growth event and a final-shape step first (msgrun/preflight.py)
+    branch_from: Optional[str] = None  # a run directory: start from its checkpoint with this budget (msgrun/branch.py)
 
 
 @dataclass
@@ -249,6 +250,13 @@ class EvalConfig:
 
 
 @dataclass
+class ProtocolConfig:
+    """What a job trains besides its run (msgrun/protocol.py)."""
+
+    name: str = "none"  # none | matched (each growth arm also trains its compute-matched baseline)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -259,6 +267,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
 
 
 def register_configs() -> None:
@@ -284,6 +293,7 @@ CHOICES = {
     "logger.wandb.mode": ("msgrun.tracking", "WANDB_MODES"),
     "logger.console": ("msgrun.tracking", "CONSOLES"),
     "objective.metric": ("msgrun.callbacks", "METRICS"),
+    "protocol.name": ("msgrun.protocol", "PROTOCOLS"),
 }
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from msgrun import checkpoint, data, distributed, provenance
+from msgrun import branch, checkpoint, data, distributed, provenance
 from msgrun.errors import MsgrunError
 from msgrun.evaluate import Downstream
 from msgrun.flops import train_flops
@@ -126,6 +126,7 @@ class Trainer:
         self.last_save_time = time.monotonic()
         self.train_model = self.model  # what the step calls (DDP/FSDP-wrapped, compiled)
         self.preflight: dict | None = None
+        self.branch: dict | None = None  # train.branch_from: the parent's record
         self.stop: StopSignals | None = None  # set by run()
         self.metrics = self.growth_log = self.wandb = None  # rank 0's files and wandb run, opened by run()
 
@@ -146,6 +147,11 @@ class Trainer:
         if state is not None:
             self.load_state_dict(state)
         resumed = state is not None
+        # train.branch_from: a fresh branch starts from the parent's checkpoint (msgrun/branch.py)
+        self.branch, parent_state = branch.prepare(cfg, self.run_dir, self.budget, self.fingerprints(), resumed,
+                                                   self.console.print)
+        if parent_state is not None:
+            self.load_state_dict(parent_state)
         self._wrap()
         if self.is_main:
             self.metrics = JsonLines(self.run_dir / "metrics.jsonl")
@@ -477,6 +483,11 @@ class Trainer:
             self.console.print(growth_table(record))
         self.save_checkpoint()
 
+    def planned_flops(self) -> float:
+        """The run's training FLOPs as its growth engine plans them before any step (the simulated
+        trigger steps and each shape's FLOPs per step): what a compute-matched baseline gets."""
+        return self.engine.planned_flops()
+
     # ------------------------------------------------------------------ checkpoints
     def fingerprints(self) -> dict:
         return {"data": self.corpus.data_fingerprint, "tokenizer": self.corpus.tokenizer_fingerprint}
@@ -540,6 +551,7 @@ class Trainer:
             "final_shape": self.engine.shape.as_dict(), "growth_events": self.engine.events_done,
             "preflight": self.preflight, **self.downstream_results,
             "choices": self.choices, "overrides": self.overrides, "seed": self.cfg.train.seed,
+            "branch_from": self.branch,
             "data_fingerprint": self.corpus.data_fingerprint, "tokenizer_fingerprint": self.corpus.tokenizer_fingerprint,
             "data": {"train_tokens": int(self.corpus.train.size), "val_tokens": int(self.corpus.val.size),
                      "epochs": self.tokens / max(int(self.corpus.train.size), 1)},

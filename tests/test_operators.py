@@ -388,6 +388,7 @@ def test_gstack_guideline_refuses_at_small_scale(make_cfg):
     d = gstack_growth_tokens(Transformer(args).num_params(), budget)
     assert d >= budget
     assert f"d = {d:.3g} tokens" in str(err.value)
+    assert f"d / D = {d / budget:.3g}" in str(err.value)  # how far past the end the formula puts the growth
 
 
 def test_gstack_guideline_formula_for_7b_at_300b_tokens():

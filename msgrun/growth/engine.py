@@ -27,8 +27,8 @@ from msgrun.growth.operator import GrowthOperator
 from msgrun.growth.optim_transfer import transfer_adamw
 from msgrun.growth.raptr import RandomPaths
 from msgrun.growth.schedule import (Budget, Shape, Stage, check_timing, final_shape, gstack_growth_tokens,
-                                    resolve_ramp_steps, resolve_schedule, run_steps, simulate_trigger_steps,
-                                    stage_due)
+                                    planned_flops, resolve_ramp_steps, resolve_schedule, run_steps,
+                                    simulate_trigger_steps, stage_due)
 from msgrun.model import ModelArgs, Transformer, count_params
 from msgrun.step import StepLayout
 
@@ -116,6 +116,11 @@ class GrowthEngine:
         return train_flops(args, lay.rows, lay.seq_len, layers_run, lay.predicted, lay.pool,
                            self.trainable_layers if self.trainable_layers and shape == self.shape else None)
 
+    def planned_flops(self) -> float:
+        """The run's training FLOPs as planned before any step: the simulated trigger steps and
+        each shape's FLOPs per step (growth.schedule.planned_flops)."""
+        return planned_flops(self.start, self.stages, self.trigger_steps, self.budget, self.flops_per_step)
+
     def apply_gstack_guideline(self, start: Shape, stages: list[Stage]) -> list[Stage]:
         """Replace the single depth stage's trigger by G_stack's formula, or refuse."""
         if len(stages) != 1 or stages[0].dims != ("layers",):
@@ -129,7 +134,7 @@ class GrowthEngine:
             raise ConfigError(
                 f"G_stack's growth-timing guideline gives d = {d:.3g} tokens for the small model (N = {params:,} "
                 f"parameters, D = {budget_tokens:.3g} tokens, C = 6ND = {6 * params * budget_tokens:.3g}), which is "
-                "not before the end of the run. The formula was fitted on models of 410M-7B parameters and budgets of "
+                f"not before the end of the run: d / D = {d / budget_tokens:.3g}. The formula was fitted on models of 410M-7B parameters and budgets of "
                 "tens of billions of tokens; at this scale it does not give a usable time. Use schedule=gstack_g4 "
                 "with an explicit trigger, or a larger model and budget.")
         s = stages[0]

@@ -205,19 +205,37 @@ def simulate_trigger_steps(start: Shape, stages: list[Stage], budget: Budget,
 def run_steps(start: Shape, stages: list[Stage], trigger_steps: list[int | None], budget: Budget,
               flops_per_step: Callable[[Shape], float]) -> int:
     """Optimizer steps the run will train: the first of its budgets to be spent ends it."""
+    return sum(n for _, n in _segments(start, stages, trigger_steps, budget, flops_per_step))
+
+
+def planned_flops(start: Shape, stages: list[Stage], trigger_steps: list[int | None], budget: Budget,
+                  flops_per_step: Callable[[Shape], float]) -> float:
+    """Training FLOPs the run will spend, from its config alone: each shape's FLOPs per step times
+    the steps it trains (what `flops` in metrics.jsonl adds up to, for deterministic structures;
+    RaPTr's paths are its expected length, operator work such as LiGO's fitting is not known
+    before the event)."""
+    return float(sum(n * flops_per_step(shape) for shape, n in _segments(start, stages, trigger_steps, budget,
+                                                                        flops_per_step)))
+
+
+def _segments(start: Shape, stages: list[Stage], trigger_steps: list[int | None], budget: Budget,
+              flops_per_step: Callable[[Shape], float]) -> list[tuple[Shape, int]]:
+    """(shape, steps trained at it) in order, up to the end of the run (a FLOPs budget ends it at
+    the first step that reaches it)."""
     n = budget.max_steps
     if budget.max_tokens:
         n = min(n, math.ceil(budget.max_tokens / budget.tokens_per_step))
-    if budget.max_flops:
-        shapes = [start] + [s.target for s in stages]
-        bounds = [0] + [s for s in trigger_steps if s is not None] + [n]
-        flops = 0.0
-        for shape, a, b in zip(shapes, bounds, bounds[1:]):
-            per_step = flops_per_step(shape)
-            if flops + (b - a) * per_step >= budget.max_flops:
-                return min(n, a + math.ceil((budget.max_flops - flops) / per_step))
-            flops += (b - a) * per_step
-    return n
+    shapes = [start] + [s.target for s in stages]
+    bounds = [0] + [s for s in trigger_steps if s is not None and s < n] + [n]
+    out, flops = [], 0.0
+    for shape, a, b in zip(shapes, bounds, bounds[1:]):
+        per_step = flops_per_step(shape)
+        if budget.max_flops and flops + (b - a) * per_step >= budget.max_flops:
+            out.append((shape, min(b, a + math.ceil((budget.max_flops - flops) / per_step)) - a))
+            return out
+        flops += (b - a) * per_step
+        out.append((shape, b - a))
+    return out
 
 
 def check_ramp_steps(value) -> None:

@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from msgrun.report import wallclock
+from msgrun.report import frontier, matching, wallclock
 from msgrun.report.runs import METRICS, SEED_KEYS, MixedDataError, ReportError, Run
 from msgrun.report.stats import Interval, mean_interval, ratio_interval
 
@@ -219,6 +219,8 @@ class Comparison:
     groups: list[Group]
     rows: list[Row]
     notes: list[str]
+    definitions: list[str] = field(default_factory=list)  # footnotes added by later analyses (frontier.py)
+    frontier: object = None  # frontier.FrontierResult, where from-scratch runs at several budgets exist
 
     @property
     def downstream_keys(self) -> list[str]:
@@ -272,7 +274,9 @@ def analyse(
     if incomplete:
         notes.append(f"not completed (no summary.json, or status failed): {', '.join(incomplete)}")
     target_source = "--target" if target is not None else "per pair: the worse of the two runs' final values"
-    return Comparison(metric, target, target_source, baselines, groups, rows, notes)
+    comp = Comparison(metric, target, target_source, baselines, groups, rows, notes)
+    comp.frontier = frontier.analyse_frontier(comp)  # from-scratch runs at 3+ budgets: multipliers
+    return comp
 
 
 def _row(g: Group, base: Group | None, kind: str | None, metric: str, target: float | None,
@@ -399,9 +403,15 @@ def to_target(run: Run, metric: str, target: float) -> tuple[float, float] | Non
     return None if hit is None else (hit.flops, hit.wall)
 
 
-def _assign_baselines(groups: list[Group], wanted: str | None) -> tuple[dict, list[str]]:
+def _assign_baselines(groups: list[Group], wanted: str | None) -> tuple[dict, Group | None, list[str]]:
     """{id(group): (baseline group, kind)} for every group that has a baseline; the main
-    baseline (--baseline, else the from-scratch group with the largest budget); notes."""
+    baseline (--baseline, else the from-scratch group with the largest budget); notes.
+
+    Only a from-scratch group whose saved configuration equals the group's outside the growth
+    choices and the budget (matching.py) is a candidate: matched (train.max_flops within
+    MATCH_TOLERANCE of the group's FLOPs), else the one with the same or the largest budget. A
+    group without a candidate gets no baseline and a note naming the keys that disqualified the
+    others. --baseline is obeyed, but a baseline that differs is labelled "NOT matched"."""
     if wanted:
         matches = [g for g in groups if g.label == wanted] or [g for g in groups if wanted in g.label]
         if len(matches) != 1:
@@ -409,42 +419,73 @@ def _assign_baselines(groups: list[Group], wanted: str | None) -> tuple[dict, li
                 f"--baseline {wanted!r} matches {len(matches)} groups; the labels are: "
                 + "; ".join(repr(g.label) for g in groups)
             )
-        return {id(g): (matches[0], "--baseline") for g in groups if g is not matches[0]}, matches[0], []
+        chosen, assigned, notes = matches[0], {}, []
+        for g in groups:
+            if g is chosen:
+                continue
+            diff = matching.group_differences(g.runs, chosen.runs)
+            kind = "--baseline"
+            if diff:
+                kind = f"--baseline, NOT matched: differs in {', '.join(diff)}"
+                notes.append(f"WARNING: {g.label!r} is compared with {chosen.label!r} (--baseline), which differs "
+                             f"from it outside the growth choices and the budget: "
+                             f"{matching.describe(diff, g.runs, chosen.runs)}. Its speedups measure those "
+                             "differences too.")
+            assigned[id(g)] = (chosen, kind)
+        return assigned, chosen, notes
     scratch = [g for g in groups if g.from_scratch]
     if not scratch:
         return {}, None, ["no baseline: no group has schedule=none (from scratch); speedups need one "
-                          "(--baseline LABEL picks another)"]
+                          "(--baseline LABEL picks another). For annealed baselines at the groups' budgets run "
+                          + _commands(groups)]
     # budget-matched baselines trained with train.max_flops; the rest ran their own budgets
     budgeted = [g for g in scratch if g.budget]
     full = [g for g in scratch if g not in budgeted] or scratch
-    largest = max(full, key=lambda g: g.flops or 0.0)
-    assigned, notes, unmatched = {}, [], []
+    primary = max(full, key=lambda g: g.flops or 0.0)
+    assigned, notes, unmatched, refused = {}, [], [], []
     for g in groups:
-        if g is largest:
+        if g is primary:
             continue
+        differ = {id(b): matching.group_differences(g.runs, b.runs) for b in scratch if b is not g}
+        fits = [b for b in scratch if b is not g and not differ[id(b)]]
         # matched on the declared budget: a run stops at the first step past it, so its own FLOPs
         # overshoot by up to one step
-        matched = [b for b in budgeted if b is not g and g.flops and abs(b.budget / g.flops - 1) <= MATCH_TOLERANCE]
+        matched = [b for b in fits if b in budgeted and g.flops and abs(b.budget / g.flops - 1) <= MATCH_TOLERANCE]
+        others = [b for b in fits if b in full]
         if matched:
             assigned[id(g)] = (min(matched, key=lambda b: abs(b.budget / g.flops - 1)), "matched")
-        elif _same_budget(largest, g):
-            assigned[id(g)] = (largest, "same budget")  # both ran their own schedule to the same FLOPs
+        elif others:
+            largest = max(others, key=lambda b: b.flops or 0.0)
+            kind = "same budget" if _same_budget(largest, g) else "largest budget"
+            assigned[id(g)] = (largest, kind)  # same budget: both ran their own schedule to the same FLOPs
+            if kind == "largest budget" and not g.from_scratch:
+                unmatched.append(g)
         else:
-            assigned[id(g)] = (largest, "largest budget")
+            refused.append(g)
             if not g.from_scratch:
                 unmatched.append(g)
+        for b in scratch:
+            if not g.from_scratch and b is not g and differ[id(b)]:
+                notes.append(f"not matched: {b.label!r} is not a baseline of {g.label!r}: it differs outside the "
+                             f"growth choices and the budget in {matching.describe(differ[id(b)], g.runs, b.runs)}.")
+    if refused:
+        notes.append("no baseline for " + "; ".join(repr(g.label) for g in refused) + ": every from-scratch "
+                     "group differs from it outside the growth choices and the budget (see the 'not matched' "
+                     "notes), so no speedup is shown rather than one that measures those differences.")
     if unmatched:
-        budgets = ",".join(f"{g.flops:.4g}" for g in unmatched if g.flops)
-        seeds = ",".join(str(s) for s in sorted({r.seed for g in unmatched for r in g.runs if r.seed is not None}))
         notes.append(
             "no matched baseline (schedule=none trained with train.max_flops within "
-            f"{MATCH_TOLERANCE:.0%} of the group's FLOPs) for " + "; ".join(repr(g.label) for g in unmatched)
-            + f": compared with {largest.label!r}, the from-scratch group with the largest budget, which is "
-            "mid-schedule where it is compared. For annealed baselines at these budgets run "
-            f"`msgrun -m sweep=matched_baselines train.max_flops={budgets}"
-            + (f" train.seed={seeds}" if seeds else "") + " <the arms' shared overrides>` and report both sweeps "
-            "together.")
-    return assigned, largest, notes
+            f"{MATCH_TOLERANCE:.0%} of the group's FLOPs and the same settings otherwise) for "
+            + "; ".join(repr(g.label) for g in unmatched)
+            + (f": compared with {primary.label!r}, the from-scratch group with the largest budget, which is "
+               "mid-schedule where it is compared" if any(id(g) in assigned for g in unmatched) else "")
+            + ". For annealed baselines at these budgets run " + _commands(unmatched))
+    return assigned, primary, notes
+
+
+def _commands(arms: list[Group]) -> str:
+    return (" and ".join(f"`{c}`" for c in matching.matched_commands(arms)) + ", then report both sweeps "
+            "together (or train arms and baselines in one multirun: protocol=matched).")
 
 
 def _same_budget(a: Group, b: Group) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from msgrun.report.matching import BASELINE_DIR
 from msgrun.report.runs import ReportError, Run, display_name, natural_key, read_run_dir
 from msgrun.report.wandb_folder import is_wandb_folder, read_wandb_folder
 
@@ -41,6 +42,12 @@ def load_runs(paths) -> list[Run]:
     return runs
 
 
+def _nested(run_dir: Path) -> list[Path]:
+    """A run's own matched baseline (protocol=matched trains it inside the arm's directory)."""
+    inner = run_dir / BASELINE_DIR
+    return [inner] if (inner / "metrics.jsonl").is_file() else []
+
+
 def _discover(path: Path) -> tuple[list[Path], list[Path]]:
     """Run directories and wandb run folders under `path`.
 
@@ -53,7 +60,7 @@ def _discover(path: Path) -> tuple[list[Path], list[Path]]:
             return [], [path.parent]
         raise ReportError(f"{path}: expected a directory, a metrics.jsonl or a .wandb file")
     if (path / "metrics.jsonl").is_file():
-        return [path], []
+        return [path] + _nested(path), []
     if is_wandb_folder(path):
         return [], [path]
     run_dirs, wandb_dirs = [], []
@@ -61,7 +68,7 @@ def _discover(path: Path) -> tuple[list[Path], list[Path]]:
         root = Path(root)
         dirs[:] = sorted((d for d in dirs if not d.startswith(".")), key=natural_key)
         if (root / "metrics.jsonl").is_file():
-            run_dirs.append(root)
+            run_dirs += [root] + _nested(root)
             dirs[:] = []
         elif is_wandb_folder(root):
             wandb_dirs.append(root)

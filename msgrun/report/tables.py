@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+from msgrun.report import frontier
 from msgrun.report.compare import Comparison, Row
 from msgrun.report.figures import plot
 from msgrun.report.runs import DASH, NOT_REACHED
@@ -166,7 +167,8 @@ def footnotes(comp: Comparison) -> list[str]:
     return [
         "Groups: runs that differ only in train.seed. Each group is compared with a from-scratch baseline "
         "(compared with): 'matched' = trained with train.max_flops at the group's FLOPs (both annealed at the "
-        "point compared); 'largest budget' = the longest from-scratch run, mid-schedule where it is compared; "
+        "point compared) and equal to the group in every saved setting outside the growth choices and the "
+        "budget (a from-scratch group that differs elsewhere is never used, and a note names the keys); 'largest budget' = the longest from-scratch run, mid-schedule where it is compared; "
         "'--baseline' = chosen by hand. Runs of one seed (same data, same order) form a pair; n counts runs.",
         f"¹ Target {m}: {target}. A run reaches it where its curve crosses it and stays at or below it at every "
         "later evaluation, linearly interpolated between the two evaluations that bracket that crossing "
@@ -189,7 +191,7 @@ def footnotes(comp: Comparison) -> list[str]:
         "± is the sample standard deviation over seeds." + (
             f" Downstream results ({', '.join(comp.downstream_keys)}): mean over the runs that have them."
             if comp.downstream_keys else ""),
-    ]
+    ] + comp.definitions
 
 
 def write_report(comp: Comparison, out_dir: Path) -> list[Path]:
@@ -201,6 +203,7 @@ def write_report(comp: Comparison, out_dir: Path) -> list[Path]:
     pairs = _pair_records(comp)
     if pairs:
         written.append(_write_csv(pairs, out_dir / "pairs.csv"))
+    written += frontier.write(comp.frontier, out_dir)  # frontier.csv, frontier.png (frontier.py)
     written.append(_write_markdown(comp, out_dir / "table.md", figures=[p.name for p in written if p.suffix == ".png"]))
     return written
 

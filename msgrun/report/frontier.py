@@ -1,0 +1,293 @@
+"""The baseline's loss-vs-FLOPs frontier and each arm's effective-compute multiplier.
+
+Definitions (also the report's footnotes, via `definitions`):
+
+* Frontier points: the final (annealed) value of every from-scratch run (schedule=none) that is
+  a matched baseline of the arm in all but the budget (matching.py), one point per run: runs
+  trained to several budgets, each with its own full LR schedule (train.max_flops, matched
+  baselines, or WSD decay branches).
+* Frontier: a saturating power law L(C) = E + A * C^(-alpha) with A > 0, alpha > 0 (so it
+  falls monotonically towards the irreducible value E), fitted by least squares on L: for a
+  fixed alpha, E and A are a linear least-squares fit; alpha (in [0.001, 3]) is chosen by a grid
+  then a golden-section search on the squared residuals. Residuals (point minus fit) are
+  reported for every point.
+* Seed offsets (pairing): runs of one seed read the same data in the same order, so a seed's
+  losses share an offset. The offset of seed s is the mean residual of its frontier points; an
+  arm's run of seed s is read against the frontier shifted by it.
+* Effective-compute multiplier of an arm's run: the FLOPs the (seed-shifted) frontier needs to
+  reach the run's final value, C_f(L) = (A / (L - E))^(1/alpha), divided by the run's FLOPs.
+  Above 1 the arm is cheaper than from-scratch training. Over seeds: geometric mean and 95%
+  Student-t interval (stats.ratio_interval). A value at or below E is beyond the frontier's
+  reach: no multiplier.
+* Two accountings: total (every FLOP of the run, the small model's training included) and sunk
+  (the run's FLOPs from its first growth event on: the small model before it is treated as an
+  existing checkpoint; operator work, e.g. LiGO's fitting, is always counted).
+* Speed-up at several targets: the highest (worst) of the arm's runs' values at 50%, 75% and
+  100% of their FLOPs are targets, which every run reaches; per run, C_f(target) / the run's FLOPs to reach it (crossing: stays at or below).
+  The frontier holds annealed end points while an arm's earlier points are mid-schedule, so the
+  earlier targets understate what an arm annealed there would give.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from msgrun.report import matching
+from msgrun.report.stats import Interval, ratio_interval
+
+MIN_POINTS = 3  # three parameters: fewer points cannot be fitted
+TARGET_FRACTIONS = (0.5, 0.75, 1.0)
+
+
+class FitError(ValueError):
+    """The points do not determine a falling frontier."""
+
+
+@dataclass
+class Frontier:
+    E: float
+    A: float
+    alpha: float
+    flops: list[float]
+    values: list[float]
+    seeds: list[object]
+    residuals: list[float]
+
+    def __call__(self, flops) -> np.ndarray:
+        return self.E + self.A * np.power(np.asarray(flops, dtype=float), -self.alpha)
+
+    def flops_for(self, value: float, offset: float = 0.0) -> float | None:
+        """FLOPs at which the frontier (shifted by `offset`) reaches `value`; None beyond E."""
+        gap = value - offset - self.E
+        return None if gap <= 0 else float((self.A / gap) ** (1.0 / self.alpha))
+
+    def offset(self, seed) -> float | None:
+        mine = [r for r, s in zip(self.residuals, self.seeds) if s == seed]
+        return float(np.mean(mine)) if mine else None
+
+
+def _linear_fit(c: np.ndarray, values: np.ndarray, alpha: float) -> tuple[float, float, float]:
+    """(E, A, squared error) of the least-squares L = E + A * x with x = C^(-alpha): for a fixed
+    exponent the model is linear in E and A."""
+    x = np.power(c, -alpha)
+    x = x / x.max()  # scaled for conditioning; A is scaled back below
+    design = np.stack([np.ones_like(x), x], axis=1)
+    (E, a), *_ = np.linalg.lstsq(design, values, rcond=None)
+    sse = float(np.sum((values - E - a * x) ** 2))
+    return float(E), float(a / np.power(c, -alpha).max()), sse
+
+
+def fit(flops, values, seeds=None) -> Frontier:
+    """The least-squares saturating power law through (FLOPs, value) points (see module doc)."""
+    c, v = np.asarray(flops, dtype=float), np.asarray(values, dtype=float)
+    if len(c) < MIN_POINTS or len(set(c.tolist())) < MIN_POINTS:
+        raise FitError(f"a frontier needs from-scratch runs at {MIN_POINTS} or more budgets; got {len(set(c.tolist()))}")
+
+    def sse(log_alpha: float) -> float:
+        _, A, err = _linear_fit(c, v, math.exp(log_alpha))
+        return err if A > 0 else math.inf  # A <= 0: a rising curve, not a frontier
+
+    grid = np.linspace(math.log(1e-3), math.log(3.0), 200)
+    errors = [sse(x) for x in grid]
+    i = int(np.argmin(errors))
+    if not math.isfinite(errors[i]):
+        raise FitError("the values do not fall with FLOPs: no monotone frontier fits them")
+    # golden-section refinement between the neighbouring grid points
+    a, b = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    g = (math.sqrt(5) - 1) / 2
+    for _ in range(80):
+        x1, x2 = b - g * (b - a), a + g * (b - a)
+        if sse(x1) < sse(x2):
+            b = x2
+        else:
+            a = x1
+    alpha = math.exp((a + b) / 2)
+    E, A, _ = _linear_fit(c, v, alpha)
+    residuals = (v - (E + A * np.power(c, -alpha))).tolist()
+    return Frontier(E, A, alpha, c.tolist(), v.tolist(), list(seeds) if seeds is not None else [None] * len(c),
+                    residuals)
+
+
+@dataclass
+class ArmResult:
+    label: str
+    n: int
+    multiplier: Interval | None  # total accounting
+    multiplier_sunk: Interval | None  # the small model's training not counted
+    at_targets: list[tuple[float, Interval | None]]  # (target value, multiplier at it)
+    paired: bool  # every run read against its own seed's offset
+    points: list[tuple[float, float]] = field(default_factory=list)  # (FLOPs, final value) per run
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FrontierResult:
+    metric: str
+    frontier: Frontier
+    points: list[str]  # run names of the frontier points
+    arms: list[ArmResult]
+
+
+def sunk_flops(run) -> float | None:
+    """The run's FLOPs before its first growth event (the small model's training)."""
+    starts = [float(e["flops"]) for e in run.growth if isinstance(e.get("flops"), (int, float))]
+    return min(starts) if starts else None
+
+
+def multipliers(runs, frontier: Frontier, metric: str) -> tuple[list[float | None], list[float | None], bool]:
+    """Per run: total and sunk multipliers, and whether every run had its seed's offset."""
+    total, sunk, paired = [], [], True
+    for run in runs:
+        f, _, value = run.curve(metric)
+        offset = frontier.offset(run.seed)
+        paired &= offset is not None
+        need = frontier.flops_for(float(value[-1]), offset or 0.0) if len(value) else None
+        spent = run.final_flops
+        total.append(need / spent if need and spent else None)
+        small = sunk_flops(run)
+        sunk.append(need / (spent - small) if need and spent and small is not None and spent > small else None)
+    return total, sunk, paired
+
+
+def at_targets(runs, frontier: Frontier, metric: str) -> list[tuple[float, Interval | None]]:
+    from msgrun.report.compare import crossing
+
+    curves = [r.curve(metric) for r in runs]
+    out = []
+    for frac in TARGET_FRACTIONS:
+        levels = [float(np.interp(frac * c[0][-1], c[0], c[2])) for c in curves if len(c[0])]
+        if not levels:
+            continue
+        target = max(levels)  # the worst run's value there: every run reaches it
+        ratios = []
+        for run in runs:
+            hit = crossing(run, metric, target)
+            need = frontier.flops_for(target, frontier.offset(run.seed) or 0.0)
+            ratios.append(need / hit.flops if hit is not None and need and hit.flops > 0 else None)
+        out.append((target, None if None in ratios else ratio_interval(ratios)))
+    return out
+
+
+def analyse_frontier(comp) -> FrontierResult | None:
+    """Fit the frontier of the comparison's from-scratch groups and read every growth arm
+    against it; None (with a note) where fewer than MIN_POINTS budgets exist."""
+    scratch = [g for g in comp.groups if g.from_scratch]
+    arms = [g for g in comp.groups if not g.from_scratch]
+    if len({round(g.flops or 0, -6) for g in scratch}) < MIN_POINTS or not arms:
+        return None  # not a frontier sweep
+    metric = comp.metric
+    # the points: from-scratch runs matched to the first arm in everything but the budget
+    usable = [g for g in scratch if not matching.group_differences(arms[0].runs, g.runs)]
+    runs = [r for g in usable for r in g.runs if len(r.curve(metric)[0]) and r.final_flops]
+    try:
+        frontier = fit([r.final_flops for r in runs], [float(r.curve(metric)[2][-1]) for r in runs],
+                       [r.seed for r in runs])
+    except FitError as e:
+        comp.notes.append(f"no effective-compute multiplier: {e} (train from-scratch baselines at several budgets, "
+                          "e.g. protocol=matched, or train.max_flops=C1,C2,C3 with schedule=none)")
+        return None
+    results = []
+    for g in arms:
+        diff = matching.group_differences(g.runs, usable[0].runs)
+        if diff:
+            comp.notes.append(f"frontier: {g.label!r} not read against it: it differs from the frontier's runs "
+                              f"in {', '.join(diff)}")
+            continue
+        total, sunk, paired = multipliers(g.runs, frontier, metric)
+        notes = []
+        if None in total:
+            notes.append("a run ends at or below the frontier's asymptote E (or has no final value): no multiplier")
+        results.append(ArmResult(
+            g.label, len(g.runs),
+            None if None in total else ratio_interval(total),
+            None if None in sunk or not sunk else ratio_interval(sunk),
+            at_targets(g.runs, frontier, metric), paired,
+            [(r.final_flops, float(r.curve(metric)[2][-1])) for r in g.runs if len(r.curve(metric)[0])], notes))
+    result = FrontierResult(metric, frontier, [r.name for r in runs], results)
+    comp.notes.extend(summary_lines(result))
+    comp.definitions.append(DEFINITION)
+    return result
+
+
+DEFINITION = (
+    "⁶ Effective-compute multiplier: the FLOPs the from-scratch frontier L(C) = E + A·C^(-alpha) (least squares "
+    "on the annealed end points of from-scratch runs at several budgets; residuals in frontier.csv) needs to "
+    "reach a run's final value, divided by the run's FLOPs, the frontier shifted by the run's seed's mean "
+    "residual (paired); geometric mean and 95% t interval over seeds. Total: every FLOP counted; sunk: FLOPs "
+    "from the first growth event on (the small model treated as an existing checkpoint; operator work counted). "
+    "At targets: the worst of the arm's runs' values at 50/75/100% of their FLOPs. Definitions: msgrun/report/frontier.py, "
+    "docs/protocol.md.")
+
+
+def fmt(iv: Interval | None) -> str:
+    if iv is None:
+        return "—"
+    if iv.lo is None:
+        return f"{iv.estimate:.3g}× (n=1)"
+    verdict = ", not distinguishable from 1×" if not iv.distinguishable else ""
+    return f"{iv.estimate:.3g}× [{iv.lo:.3g}×, {iv.hi:.3g}×] n={iv.n}{verdict}"
+
+
+def summary_lines(result: FrontierResult) -> list[str]:
+    f = result.frontier
+    rms = math.sqrt(float(np.mean(np.square(f.residuals))))
+    lines = [f"frontier ({len(f.flops)} from-scratch runs): {result.metric} = {f.E:.4g} + {f.A:.4g}·C^-{f.alpha:.4g}, "
+             f"residuals rms {rms:.3g}, max |{max(map(abs, f.residuals)):.3g}| (frontier.csv lists them)"]
+    for arm in result.arms:
+        targets = "; ".join(f"{t:.4g}: {fmt(iv)}" for t, iv in arm.at_targets)
+        lines.append(f"effective-compute multiplier of {arm.label!r}: {fmt(arm.multiplier)} (total), "
+                     f"{fmt(arm.multiplier_sunk)} (sunk)" + ("" if arm.paired else ", unpaired (no frontier run of "
+                                                                                 "some seed)")
+                     + f"; at targets {targets}" + "".join(f"; {n}" for n in arm.notes))
+    return lines
+
+
+def write(result: FrontierResult | None, out_dir: Path) -> list[Path]:
+    """frontier.csv (points, fit, residuals; then the arms' multipliers) and frontier.png."""
+    if result is None:
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    f = result.frontier
+    path = out_dir / "frontier.csv"
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["run", "seed", "flops", result.metric, "fit", "residual"])
+        for name, seed, c, v, r in zip(result.points, f.seeds, f.flops, f.values, f.residuals):
+            w.writerow([name, seed, f"{c:.6g}", f"{v:.6g}", f"{float(f(c)):.6g}", f"{r:+.4g}"])
+        w.writerow([])
+        w.writerow(["group", "n", "multiplier_total", "lo", "hi", "multiplier_sunk", "lo", "hi", "paired"])
+        for arm in result.arms:
+            cells = []
+            for iv in (arm.multiplier, arm.multiplier_sunk):
+                cells += [f"{iv.estimate:.4g}", iv.lo, iv.hi] if iv is not None else ["", "", ""]
+            w.writerow([arm.label, arm.n, *cells, arm.paired])
+    return [path, plot(result, out_dir / "frontier.png")]
+
+
+def plot(result: FrontierResult, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    f = result.frontier
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    xs = np.geomspace(min(f.flops) / 2, max(f.flops) * 2, 200)
+    ax.plot(xs, f(xs), color="black", lw=1.2, label=f"frontier {f.E:.3g} + {f.A:.3g}·C^-{f.alpha:.3g}")
+    ax.scatter(f.flops, f.values, color="black", s=14, zorder=3, label="from-scratch runs (annealed)")
+    for arm in result.arms:
+        xs_arm, ys_arm = zip(*arm.points) if arm.points else ((), ())
+        ax.scatter(xs_arm, ys_arm, s=22, marker="D", zorder=4, label=f"{arm.label}: {fmt(arm.multiplier)}")
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel(result.metric)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

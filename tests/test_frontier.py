@@ -1,0 +1,95 @@
+"""The from-scratch frontier and the effective-compute multiplier, on synthetic runs drawn from a
+known saturating power law: the fit must recover it, a true 1.5x arm must get an interval that
+contains 1.5x and excludes 1x, and an arm on the frontier one that covers 1x."""
+
+import numpy as np
+import pytest
+
+from msgrun.report import analyse, frontier, load_runs
+from test_report import base_run, write_run
+
+E, A, ALPHA = 2.0, 100.0, 0.15
+BUDGETS = [1e12, 2e12, 4e12, 8e12, 16e12]
+ARM_FLOPS = 4e12
+
+
+def law(c):
+    return E + A * np.power(c, -ALPHA)
+
+
+def test_fit_recovers_a_known_power_law_and_reports_its_residuals():
+    c = np.geomspace(1e11, 1e14, 8)
+    noise = np.array([0.002, -0.001, 0.0, 0.001, -0.002, 0.001, 0.0, -0.001])
+    f = frontier.fit(c, law(c) + noise)
+    assert f.alpha == pytest.approx(ALPHA, rel=0.1) and f.E == pytest.approx(E, abs=0.1)
+    assert np.allclose(f.residuals, law(c) + noise - f(c))
+    assert max(abs(r) for r in f.residuals) < 0.004
+    # the inverse is the frontier's own: the FLOPs it returns give back the value
+    assert float(f(f.flops_for(3.2))) == pytest.approx(3.2)
+    assert f.flops_for(f.E - 0.01) is None  # below the asymptote: out of reach
+
+
+def test_a_rising_or_too_short_frontier_is_refused():
+    with pytest.raises(frontier.FitError, match="3 or more budgets"):
+        frontier.fit([1e12, 2e12], [3.0, 2.9])
+    with pytest.raises(frontier.FitError, match="do not fall"):
+        frontier.fit([1e12, 2e12, 4e12], [3.0, 3.1, 3.2])
+
+
+def synthetic_sweep(tmp_path, speed: float, rng_seed: int, seeds=range(5), small_share=0.25):
+    """From-scratch runs at five budgets and one arm per seed whose final loss is the frontier's
+    at `speed` times its FLOPs; each seed shifts all its losses by one offset (its data order)."""
+    rng = np.random.default_rng(rng_seed)
+    for seed in seeds:
+        offset = rng.normal(0, 0.03)
+        for budget in BUDGETS:
+            points = [(c, float(law(c) + offset + rng.normal(0, 0.004))) for c in (budget / 4, budget / 2, budget)]
+            base_run(tmp_path / f"b{budget:.0e}-s{seed}", points, seed=seed, overrides=[f"train.max_flops={budget}"])
+        fl = [ARM_FLOPS * x for x in (0.25, 0.5, 0.75, 1.0)]
+        points = [(c, float(law(speed * c) + offset + rng.normal(0, 0.004))) for c in fl]
+        write_run(tmp_path / f"arm-s{seed}", points, seed=seed, growth=[small_share * ARM_FLOPS])
+    return analyse(load_runs([tmp_path]))
+
+
+@pytest.mark.parametrize("rng_seed", [0, 1, 2])
+def test_a_true_one_and_a_half_times_arm(tmp_path, rng_seed):
+    comp = synthetic_sweep(tmp_path, 1.5, rng_seed)
+    result = comp.frontier
+    assert result is not None and len(result.frontier.flops) == 25
+    (arm,) = result.arms
+    iv = arm.multiplier
+    assert arm.paired and iv.n == 5
+    assert iv.lo < 1.5 < iv.hi and iv.lo > 1.0, iv
+    # the sunk accounting leaves out the quarter of the FLOPs spent before the first growth event
+    assert arm.multiplier_sunk.estimate == pytest.approx(iv.estimate / 0.75, rel=1e-6)
+    # the last target is the worst final value, which every run reaches: about 1.5x there too
+    target, at_end = arm.at_targets[-1]
+    assert at_end.lo < 1.5 < at_end.hi
+    assert any("effective-compute multiplier" in n for n in comp.notes)
+    assert any(d.startswith("⁶") for d in comp.definitions)
+
+
+@pytest.mark.parametrize("rng_seed", [0, 1, 2])
+def test_an_arm_on_the_frontier_covers_one(tmp_path, rng_seed):
+    (arm,) = synthetic_sweep(tmp_path, 1.0, rng_seed).frontier.arms
+    assert arm.multiplier.lo < 1.0 < arm.multiplier.hi, arm.multiplier
+
+
+def test_seed_offsets_pair_the_arm_with_its_own_seed(tmp_path):
+    """A large per-seed offset: read against the pooled frontier without offsets the interval
+    would be wide; the paired reading keeps it narrow."""
+    comp = synthetic_sweep(tmp_path, 1.5, 0)
+    f = comp.frontier.frontier
+    paired = comp.frontier.arms[0].multiplier
+    runs = [r for g in comp.groups if not g.from_scratch for r in g.runs]
+    unpaired = [f.flops_for(float(r.curve("val_loss")[2][-1])) / r.final_flops for r in runs]
+    spread = np.std(np.log(unpaired))
+    assert np.std(np.log(paired.values)) < spread / 2
+
+
+def test_frontier_files_are_written(tmp_path):
+    comp = synthetic_sweep(tmp_path / "runs", 1.5, 0)
+    written = frontier.write(comp.frontier, tmp_path / "out")
+    assert [p.name for p in written] == ["frontier.csv", "frontier.png"]
+    text = (tmp_path / "out" / "frontier.csv").read_text()
+    assert "residual" in text and "multiplier_total" in text
