@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -128,6 +129,7 @@ def report_composition_errors() -> None:
 
 def composition_message(e: Exception) -> str:
     from msgrun.config import valid_keys_message
+    from msgrun.extras import missing_plugin_message
 
     lines = [line for line in str(e).splitlines() if line.strip()]
     cause = e.__cause__
@@ -138,6 +140,10 @@ def composition_message(e: Exception) -> str:
     keys = valid_keys_message(getattr(cause, "full_key", None), getattr(cause, "object_type", None))
     if keys and isinstance(cause, (KeyError, AttributeError)):
         lines.append(keys)
+    missing = re.search(r"Could not find '([^']+)'", str(e))
+    hint = missing and missing_plugin_message(missing.group(1))
+    if hint:
+        lines.insert(1, hint)
     lines.append("(HYDRA_FULL_ERROR=1 shows the traceback.)")
     return "\n".join(lines)
 
