@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from msgrun.config import check_config, register_configs
 from msgrun.errors import MsgrunError
-from msgrun.preemption import Interrupted
+from msgrun.preemption import Interrupted, resume_command
 from msgrun.rundir import CREATED_ROOT, check_run_dir, config_json, finished_run_message, first_missing, \
     remove_own_setup, write_hydra_record
 
@@ -70,7 +70,9 @@ def run_job(cfg: DictConfig) -> float | None:
             Trainer(job_cfg, d, choices, job_overrides).run()
         return objective_value(cfg, job_dirs)
     except Interrupted as e:
-        print(f"msgrun: {e}", file=sys.stderr, flush=True)
+        where = Path(hc.sweep.dir if multirun else run_dir).absolute()
+        print(f"msgrun: {e} To continue exactly where it stopped, run:\n  {resume_command(sys.argv, where, multirun)}",
+              file=sys.stderr, flush=True)
         e.chain()  # a launcher's own handler (submitit requeues the job from the checkpoint)
         sys.exit(e.exit_code)
     except MsgrunError as e:
