@@ -142,6 +142,11 @@ def composition_message(e: Exception) -> str:
     keys = valid_keys_message(getattr(cause, "full_key", None), getattr(cause, "object_type", None))
     if keys and isinstance(cause, (KeyError, AttributeError)):
         lines.append(keys)
+    full_key = getattr(cause, "full_key", None)
+    if full_key and getattr(cause, "object_type", None) is dict and "not in struct" in str(cause):
+        # a mapping of the user's own names (eval.perplexity): Hydra adds a new entry only with +
+        lines.append(f"{full_key.rpartition('.')[0]} is a mapping whose entries you name yourself: add one with a "
+                     f"leading +, as +{full_key}=...")
     missing = re.search(r"Could not find '([^']+)'", str(e))
     hint = missing and missing_plugin_message(missing.group(1))
     if hint:
@@ -151,6 +156,9 @@ def composition_message(e: Exception) -> str:
 
 
 def main() -> None:
+    from msgrun.help import msgrun_help, print_help_if_asked
+
+    print_help_if_asked(msgrun_help)
     register_configs()
     report_composition_errors()
     hydra_entry()

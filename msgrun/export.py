@@ -391,7 +391,20 @@ def export_run(run_dir: Path, out: Path, checkpoint_path: str | None = None, tok
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="msgrun-export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="msgrun-export", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Writes a trained msgrun model as a Hugging Face transformers directory (safetensors weights, "
+        "config.json,\ngeneration_config.json for causal models, the run's tokenizer), loadable with "
+        "AutoModelForCausalLM /\nAutoModelForMaskedLM and AutoTokenizer, no remote code. gpt+layernorm -> "
+        "GPT2LMHeadModel, gpt+rmsnorm+swiglu+rope ->\nLlamaForCausalLM, bert -> BertForMaskedLM; the export "
+        "checks that its logits equal msgrun's (fp32) and refuses\nwhat no transformers class expresses "
+        "(exit 2). Needs the eval extra: pip install -e '.[eval]'.",
+        epilog="examples:\n"
+        "  msgrun-export outputs/2026-11-23/10-00-00 --out exported/tiny\n"
+        "  msgrun-export multirun/2026-11-23/10-00-00/3 --out exported/msg --checkpoint "
+        "multirun/2026-11-23/10-00-00/3/checkpoints/step_000000400.pt\n"
+        "  python -c \"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('exported/tiny')\"\n"
+        "  msgrun ... eval=example    export and evaluate at the end of training (docs/export.md)")
     parser.add_argument("run_dir", type=Path, help="a msgrun run directory")
     parser.add_argument("--out", type=Path, required=True, help="new directory for the Hugging Face files")
     parser.add_argument("--checkpoint", help="a checkpoint file (default: the run's newest valid one)")
