@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"msgrun-report: error: {e}", file=sys.stderr)
         return 2
     out_dir = args.out or _default_out_dir(Path(args.paths[0]))
-    print_table(comp)
+    print_table(comp, out_dir)
     written = write_report(comp, out_dir)
     print(f"report written to {out_dir}/: " + ", ".join(p.name for p in written))
     return 0
