@@ -34,7 +34,7 @@ from msgrun.flops import train_flops
 from msgrun.growth.engine import GrowthEngine, probe
 from msgrun.growth.masks import masked_modules
 from msgrun.model import ModelArgs, Transformer
-from msgrun.optim import LRSchedule, build_adamw, set_lr
+from msgrun.optim import LRSchedule, annealing_warning, build_adamw, set_lr, warmup_warning
 from msgrun.preflight import describe as describe_preflight
 from msgrun.preflight import run_preflight
 from msgrun.preemption import Interrupted, StopSignals
@@ -148,6 +148,9 @@ class Trainer:
             self.wandb.backfill(self.run_dir / "metrics.jsonl", self.run_dir / "growth.jsonl")  # after a SIGKILL
             self.console.print(self.describe(resumed))
             self.console.print(describe_preflight(self.preflight))
+            warmup = warmup_warning(cfg.optim.warmup_steps, cfg.train.max_steps)
+            if warmup:
+                self.console.print(warmup)
         status, error = "failed", None
         try:
             self.loop()
@@ -169,6 +172,9 @@ class Trainer:
             self.console.close()
             if self.is_main and status == "completed":
                 self.console.print(self.where(summary, wandb_dir))
+                unannealed = annealing_warning(self.lr_schedule, self.step, self.engine.operator.cfg.lr_policy)
+                if unannealed:
+                    self.console.print(unannealed)
             distributed.teardown(self.dist)
         return summary
 
