@@ -127,6 +127,9 @@ class Trainer:
         self.window = self.new_window()
         self.last_val = None
         self.train_model = self.model  # what the step calls (DDP/FSDP-wrapped, compiled)
+        # torch.compile works on the first call: the first step after each (re)compile is timed
+        # as compile time (metrics.jsonl/summary.json compile_seconds), not as training throughput
+        self.compile_pending, self.compile_seconds = False, 0.0
 
     # ------------------------------------------------------------------ setup and teardown
     def run(self) -> dict:
@@ -227,6 +230,9 @@ class Trainer:
         model = self.model
         if self.cfg.train.compile:
             model.compile_units()  # each block and the head (model.py says why those units)
+            self.compile_pending = True
+            self.console.print(f"compiling (train.compile=true) for shape {self.engine.shape}: the next step waits "
+                               "for torch.compile, seconds to minutes")
         if self.dist.mode == "fsdp":
             _, optim_state = distributed.full_state(model, self.optimizer)
             distributed.shard(model, self.dist)
@@ -342,9 +348,20 @@ class Trainer:
         else:
             w["loss"] += loss_mean.detach()
             w["steps"] += 1
-        w["tokens"] += rows * T
-        w["flops"] += step_flops
-        w["seconds"] += time.perf_counter() - t0
+        if self.compile_pending:  # this step waited for torch.compile: compile time, not throughput
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+            self.compile_pending = False
+            self.compile_seconds += seconds
+            w["compile_seconds"] = w.get("compile_seconds", 0.0) + seconds
+            self.console.print(f"compiled: the first step at shape {self.engine.shape} took {seconds:.1f} s "
+                               "(compile_seconds in metrics.jsonl and summary.json; within wall_time, outside "
+                               "tokens/s)")
+        else:
+            w["tokens"] += rows * T
+            w["flops"] += step_flops
+            w["seconds"] += time.perf_counter() - t0
         self.lr = lr
 
     def fit_batches(self, k: int) -> list[dict]:
@@ -383,13 +400,17 @@ class Trainer:
         record = {
             "step": self.step, "tokens": self.tokens, "flops": self.flops, "wall_time": self.wall.total,
             "loss": loss, "lr": self.lr, **shape.as_dict(), "params": self.model.num_params(),
-            "epoch": self.stream.epoch(self.tokens), "tokens_per_s": w["tokens"] / max(w["seconds"], 1e-9),
+            "epoch": self.stream.epoch(self.tokens),
         }
-        if self.peak_flops:
-            record["mfu"] = w["flops"] / max(w["seconds"], 1e-9) / (self.peak_flops * self.dist.world_size)
+        if w["seconds"] > 0:  # throughput of the timed steps (a window of one compile step has none)
+            record["tokens_per_s"] = w["tokens"] / w["seconds"]
+            if self.peak_flops:
+                record["mfu"] = w["flops"] / w["seconds"] / (self.peak_flops * self.dist.world_size)
         record.update(self.engine.log_fields())
         if w["skipped"]:
             record["skipped_steps"] = w["skipped"]
+        if "compile_seconds" in w:
+            record["compile_seconds"] = w["compile_seconds"]
         if not math.isfinite(loss) and not self.cfg.train.skip_nonfinite:
             raise NonFiniteLoss(
                 f"The training loss became {loss} between steps {self.step - w['steps'] + 1} and {self.step}. "
@@ -487,7 +508,7 @@ class Trainer:
         val = self.last_val or {}
         return {
             "status": status, "error": error, "steps": self.step, "tokens": self.tokens, "flops": self.flops,
-            "wall_time": self.wall.total, "params": self.model.num_params(),
+            "wall_time": self.wall.total, "compile_seconds": self.compile_seconds, "params": self.model.num_params(),
             "final_loss": last.get("loss"), "final_val_loss": val.get("val_loss"), "final_val_bpb": val.get("val_bpb"),
             "final_shape": self.engine.shape.as_dict(), "growth_events": self.engine.events_done,
             "preflight": getattr(self, "preflight", None), **self.downstream_results,
