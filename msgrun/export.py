@@ -218,8 +218,10 @@ def to_hf(args: ModelArgs, state: dict, special: dict):
     if args.tie_embeddings:
         hf.tie_weights()
     if config.architectures[0] != "BertForMaskedLM":
+        # no max_length: generate(max_new_tokens=...) would warn that both are set on every call, and
+        # the context limit is already config.json's (n_positions / max_position_embeddings)
         hf.generation_config = tf.GenerationConfig(bos_token_id=special["eot"], eos_token_id=special["eot"],
-                                                   pad_token_id=special["pad"], max_length=args.max_seq_len)
+                                                   pad_token_id=special["pad"])
     return hf
 
 
@@ -351,12 +353,23 @@ def save_hf(hf, tokenizer, out: Path, info: dict) -> None:
         hf.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        _readable_as_umask_allows(tmp)
         if out.exists():
             out.rmdir()  # empty (fresh_output)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _readable_as_umask_allows(folder: Path) -> None:
+    """mkdtemp makes a 0700 directory (and some writers 0600 files); an export is meant to be
+    shared like any file the user writes, so give it the modes the user's umask gives."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def export_run(run_dir: Path, out: Path, checkpoint_path: str | None = None, tokenizer_path: str | None = None,

@@ -196,3 +196,19 @@ def test_cli_refuses_bad_input_with_exit_code_2(grown_runs, tmp_path):
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
     assert not any((tmp_path / n).exists() for n in "abc")
+
+
+def test_export_is_readable_like_any_file_and_sets_no_max_length(grown_runs, tmp_path):
+    """mkdtemp's 0700 directory and 0600 files made an export unreadable to the user's group;
+    generation_config.json's max_length made generate(max_new_tokens=...) warn on every call."""
+    old = os.umask(0o022)
+    try:
+        export_run(grown_runs["gpt2"], tmp_path / "hf")
+    finally:
+        os.umask(old)
+    out = tmp_path / "hf"
+    assert out.stat().st_mode & 0o777 == 0o755
+    for path in out.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o644, path.name
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert "max_length" not in generation and generation["eos_token_id"] is not None
