@@ -230,9 +230,7 @@ class Trainer:
         model = self.model
         if self.cfg.train.compile:
             model.compile_units()  # each block and the head (model.py says why those units)
-            self.compile_pending = True
-            self.console.print(f"compiling (train.compile=true) for shape {self.engine.shape}: the next step waits "
-                               "for torch.compile, seconds to minutes")
+            self.compile_pending = True  # announced and timed by the next train_step
         if self.dist.mode == "fsdp":
             _, optim_state = distributed.full_state(model, self.optimizer)
             distributed.shard(model, self.dist)
@@ -314,6 +312,9 @@ class Trainer:
         set_lr(self.optimizer, lr)
         self.engine.before_step(self.step)
 
+        if self.compile_pending:
+            self.console.print(f"compiling (train.compile=true) for shape {self.engine.shape}: this step waits for "
+                               "torch.compile, seconds to minutes")
         t0 = time.perf_counter()
         with self.wall:
             loss_sum = torch.zeros((), device=self.device)
