@@ -36,6 +36,7 @@ from omegaconf import OmegaConf
 from msgrun import data, distributed
 from msgrun.config import TextSourceConfig
 from msgrun.errors import ConfigError
+from msgrun.extras import install_hint
 
 BUNDLED_TASKS = Path(__file__).with_name("eval_tasks")
 
@@ -184,7 +185,7 @@ class Downstream:
             from lm_eval.tasks import TaskManager
         except ImportError as e:
             raise ConfigError(f"eval.lm_eval.tasks = {self.tasks} needs lm-evaluation-harness and transformers "
-                              f"({e}): pip install 'msgrun[eval]', or set eval.lm_eval.tasks=[].") from e
+                              f"({e}): {install_hint('lm-eval')}, or set eval.lm_eval.tasks=[].") from e
         paths = [str(BUNDLED_TASKS)]
         if lc.include_path:
             p = Path(lc.include_path).expanduser()

@@ -33,6 +33,7 @@ import torch
 
 from msgrun import checkpoint, data
 from msgrun.errors import MsgrunError
+from msgrun.extras import install_hint
 from msgrun.model import ModelArgs, Transformer, padded_vocab
 
 EXPORT_INFO = "msgrun_export.json"
@@ -381,7 +382,7 @@ def export_run(run_dir: Path, out: Path, checkpoint_path: str | None = None, tok
         import safetensors  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as e:
-        raise ExportError(f"msgrun-export needs transformers and safetensors ({e}): pip install 'msgrun[eval]'.") from e
+        raise ExportError(f"msgrun-export needs transformers and safetensors ({e}): {install_hint('transformers')}.") from e
     ckpt, state = load_checkpoint(Path(run_dir), checkpoint_path)
     cfg = json.loads(state["config"])
     if state["engine"].get("ramp") is not None:

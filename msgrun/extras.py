@@ -38,7 +38,9 @@ def install_hint(distribution: str) -> str:
     extra = extra_providing(distribution)
     if extra is None:
         return f"pip install {distribution}"
-    return f"pip install -e '.[{extra}]' in a clone of msgrun (pip install 'msgrun[{extra}]' otherwise)"
+    # msgrun installs from its checkout (README), not from a package index: 'msgrun[x]' would
+    # ask the index for a package of that name
+    return f"pip install -e '.[{extra}]' in the msgrun checkout"
 
 
 def missing_plugin_message(group_path: str) -> str | None:

@@ -63,3 +63,11 @@ def test_a_launcher_whose_extra_is_missing_names_the_extra(monkeypatch, capsys, 
     code, err = run_msgrun(monkeypatch, capsys, tmp_path, "hydra/launcher=joblib")
     assert code == 2, err
     assert "hydra-joblib-launcher" in err and "pip install -e '.[sweep]'" in err, err
+
+
+def test_install_hints_name_the_extra_pyproject_defines():
+    from msgrun.extras import install_hint
+
+    assert install_hint("lm-eval") == install_hint("transformers") == "pip install -e '.[eval]' in the msgrun checkout"
+    assert "'.[hf]'" in install_hint("datasets")  # the first extra that needs it, never `test`
+    assert "'.[sweep]'" in install_hint("hydra_optuna_sweeper")  # names compare as pip normalises them
