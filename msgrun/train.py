@@ -315,6 +315,7 @@ class Trainer:
         if self.compile_pending:
             self.console.print(f"compiling (train.compile=true) for shape {self.engine.shape}: this step waits for "
                                "torch.compile, seconds to minutes")
+        frames = compiled_frames() if tc.compile else 0
         t0 = time.perf_counter()
         with self.wall:
             loss_sum = torch.zeros((), device=self.device)
@@ -349,16 +350,19 @@ class Trainer:
         else:
             w["loss"] += loss_mean.detach()
             w["steps"] += 1
-        if self.compile_pending:  # this step waited for torch.compile: compile time, not throughput
+        # a step that waited for torch.compile: the first after (re)wrapping, or one where Dynamo
+        # recompiled a unit (a guard changed, e.g. MSG's masks dropped at the end of a ramp)
+        recompiled = tc.compile and compiled_frames() > frames
+        if self.compile_pending or recompiled:  # compile time, not throughput
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
+            what = "the first step at" if self.compile_pending else f"step {self.step} recompiled for"
             self.compile_pending = False
             self.compile_seconds += seconds
             w["compile_seconds"] = w.get("compile_seconds", 0.0) + seconds
-            self.console.print(f"compiled: the first step at shape {self.engine.shape} took {seconds:.1f} s "
-                               "(compile_seconds in metrics.jsonl and summary.json; within wall_time, outside "
-                               "tokens/s)")
+            self.console.print(f"compiled: {what} shape {self.engine.shape}, {seconds:.1f} s (compile_seconds in "
+                               "metrics.jsonl and summary.json; within wall_time, outside tokens/s)")
         else:
             w["tokens"] += rows * T
             w["flops"] += step_flops
@@ -519,6 +523,13 @@ class Trainer:
                      "epochs": self.tokens / max(int(self.corpus.train.size), 1)},
             **provenance.collect(self.device, self.dist.world_size),
         }
+
+
+def compiled_frames() -> int:
+    """Frames Dynamo has compiled in this process (first compiles and recompiles)."""
+    from torch._dynamo.utils import counters
+
+    return counters["frames"]["ok"]
 
 
 def growth_table(r: dict):
