@@ -71,3 +71,10 @@ def test_install_hints_name_the_extra_pyproject_defines():
     assert install_hint("lm-eval") == install_hint("transformers") == "pip install -e '.[eval]' in the msgrun checkout"
     assert "'.[hf]'" in install_hint("datasets")  # the first extra that needs it, never `test`
     assert "'.[sweep]'" in install_hint("hydra_optuna_sweeper")  # names compare as pip normalises them
+
+
+def test_a_new_entry_of_a_mapping_without_its_plus_says_to_add_the_plus(monkeypatch, capsys, tmp_path):
+    code, err = run_msgrun(monkeypatch, capsys, tmp_path, "eval=example",
+                           "eval.perplexity.mytext={name: files, paths: ['a.txt']}")
+    assert code == 2, err
+    assert "add one with a leading +, as +eval.perplexity.mytext=..." in err, err
