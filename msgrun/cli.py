@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -27,7 +28,7 @@ from omegaconf import DictConfig
 from msgrun import protocol
 from msgrun.config import check_config, register_configs
 from msgrun.errors import MsgrunError
-from msgrun.preemption import Interrupted
+from msgrun.preemption import Interrupted, resume_command
 from msgrun.rundir import CREATED_ROOT, check_run_dir, config_json, finished_run_message, first_missing, \
     remove_own_setup, write_hydra_record
 
@@ -78,7 +79,9 @@ def run_job(cfg: DictConfig) -> float | None:
                 protocol.train_matched_baseline(job_cfg, d, choices, job_overrides, planned)
         return objective_value(cfg, job_dirs)
     except Interrupted as e:
-        print(f"msgrun: {e}", file=sys.stderr, flush=True)
+        where = Path(hc.sweep.dir if multirun else run_dir).absolute()
+        print(f"msgrun: {e} To continue exactly where it stopped, run:\n  {resume_command(sys.argv, where, multirun)}",
+              file=sys.stderr, flush=True)
         e.chain()  # a launcher's own handler (submitit requeues the job from the checkpoint)
         sys.exit(e.exit_code)
     except MsgrunError as e:
@@ -137,6 +140,7 @@ def report_composition_errors() -> None:
 
 def composition_message(e: Exception) -> str:
     from msgrun.config import valid_keys_message
+    from msgrun.extras import missing_plugin_message
 
     lines = [line for line in str(e).splitlines() if line.strip()]
     cause = e.__cause__
@@ -147,11 +151,23 @@ def composition_message(e: Exception) -> str:
     keys = valid_keys_message(getattr(cause, "full_key", None), getattr(cause, "object_type", None))
     if keys and isinstance(cause, (KeyError, AttributeError)):
         lines.append(keys)
+    full_key = getattr(cause, "full_key", None)
+    if full_key and getattr(cause, "object_type", None) is dict and "not in struct" in str(cause):
+        # a mapping of the user's own names (eval.perplexity): Hydra adds a new entry only with +
+        lines.append(f"{full_key.rpartition('.')[0]} is a mapping whose entries you name yourself: add one with a "
+                     f"leading +, as +{full_key}=...")
+    missing = re.search(r"Could not find '([^']+)'", str(e))
+    hint = missing and missing_plugin_message(missing.group(1))
+    if hint:
+        lines.insert(1, hint)
     lines.append("(HYDRA_FULL_ERROR=1 shows the traceback.)")
     return "\n".join(lines)
 
 
 def main() -> None:
+    from msgrun.help import msgrun_help, print_help_if_asked
+
+    print_help_if_asked(msgrun_help)
     register_configs()
     report_composition_errors()
     hydra_entry()

@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import math
 import random
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ from omegaconf import OmegaConf
 from msgrun import data, distributed
 from msgrun.config import TextSourceConfig
 from msgrun.errors import ConfigError
+from msgrun.extras import install_hint
 
 BUNDLED_TASKS = Path(__file__).with_name("eval_tasks")
 
@@ -52,6 +54,53 @@ def preserved_rng():
         torch.set_rng_state(states[2])
         if states[3] is not None:
             torch.cuda.set_rng_state_all(states[3])
+
+
+def hub_host() -> tuple[str, int]:
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    return url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection(hub_host(), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def hub_offline_if_unreachable(src):
+    """Load a hub dataset in offline mode (from the cache) when the hub cannot be reached: the
+    hub client otherwise retries for about 30 s before it gives up. Yields the hub's host name
+    when it switched to offline mode, else None. Local builders (data files) never ask the hub."""
+    if src.name != "hf" or src.hf_data_files or Path(str(src.hf_path or "")).exists():
+        yield None
+        return
+    try:
+        import datasets.config
+        from huggingface_hub import constants
+    except ImportError:  # the hf source says which extra to install
+        yield None
+        return
+    if constants.HF_HUB_OFFLINE or hub_reachable():
+        yield None
+        return
+    # both libraries read the switch from their module constants (set from HF_HUB_OFFLINE at import)
+    flags = [(m, name) for m in (constants, datasets.config) for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+             if hasattr(m, name)]
+    saved = [getattr(m, name) for m, name in flags]
+    for m, name in flags:
+        setattr(m, name, True)
+    try:
+        yield hub_host()[0]
+    finally:
+        for (m, name), value in zip(flags, saved):
+            setattr(m, name, value)
 
 
 class Downstream:
@@ -91,8 +140,15 @@ class Downstream:
             raise ConfigError(f"{key}.max_tokens = {src.max_tokens} is less than one window of model.seq_len + 1 = "
                               f"{self.seq_len + 1} tokens.")
         try:
-            docs, _ = data.list_documents(src)
+            with hub_offline_if_unreachable(src) as unreachable:
+                docs, _ = data.list_documents(src)
         except data.DataError as e:
+            if unreachable:
+                raise ConfigError(
+                    f"{key}: {src.hf_path} ({src.hf_name}) is not in the local Hugging Face datasets cache, and the "
+                    f"hub ({unreachable}) cannot be reached from this machine. Run once where there is network "
+                    "(the datasets cache, HF_HOME, can then be copied here), or leave the task out (eval=none)."
+                    f"\n({e})") from e
             raise ConfigError(f"{key} (read as data=files/hf reads; data.X below means {key}.X): {e}") from e
         texts = [d.read() for d in docs]
         if src.join:  # one text (e.g. wikitext rows are lines of one article stream)
@@ -127,7 +183,7 @@ class Downstream:
             from lm_eval.tasks import TaskManager
         except ImportError as e:
             raise ConfigError(f"eval.lm_eval.tasks = {self.tasks} needs lm-evaluation-harness and transformers "
-                              f"({e}): pip install 'msgrun[eval]', or set eval.lm_eval.tasks=[].") from e
+                              f"({e}): {install_hint('lm-eval')}, or set eval.lm_eval.tasks=[].") from e
         paths = [str(BUNDLED_TASKS)]
         if lc.include_path:
             p = Path(lc.include_path).expanduser()

@@ -33,6 +33,7 @@ import torch
 
 from msgrun import checkpoint, data
 from msgrun.errors import MsgrunError
+from msgrun.extras import install_hint
 from msgrun.model import ModelArgs, Transformer, padded_vocab
 
 EXPORT_INFO = "msgrun_export.json"
@@ -218,8 +219,10 @@ def to_hf(args: ModelArgs, state: dict, special: dict):
     if args.tie_embeddings:
         hf.tie_weights()
     if config.architectures[0] != "BertForMaskedLM":
+        # no max_length: generate(max_new_tokens=...) would warn that both are set on every call, and
+        # the context limit is already config.json's (n_positions / max_position_embeddings)
         hf.generation_config = tf.GenerationConfig(bos_token_id=special["eot"], eos_token_id=special["eot"],
-                                                   pad_token_id=special["pad"], max_length=args.max_seq_len)
+                                                   pad_token_id=special["pad"])
     return hf
 
 
@@ -353,12 +356,23 @@ def save_hf(hf, tokenizer, out: Path, info: dict) -> None:
         hf.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        _readable_as_umask_allows(tmp)
         if out.exists():
             out.rmdir()  # empty (fresh_output)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _readable_as_umask_allows(folder: Path) -> None:
+    """mkdtemp makes a 0700 directory (and some writers 0600 files); an export is meant to be
+    shared like any file the user writes, so give it the modes the user's umask gives."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def export_run(run_dir: Path, out: Path, checkpoint_path: str | None = None, tokenizer_path: str | None = None,
@@ -370,7 +384,7 @@ def export_run(run_dir: Path, out: Path, checkpoint_path: str | None = None, tok
         import safetensors  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as e:
-        raise ExportError(f"msgrun-export needs transformers and safetensors ({e}): pip install 'msgrun[eval]'.") from e
+        raise ExportError(f"msgrun-export needs transformers and safetensors ({e}): {install_hint('transformers')}.") from e
     ckpt, state = load_checkpoint(Path(run_dir), checkpoint_path)
     cfg = json.loads(state["config"])
     if state["engine"].get("ramp") is not None:
@@ -393,7 +407,20 @@ def export_run(run_dir: Path, out: Path, checkpoint_path: str | None = None, tok
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="msgrun-export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="msgrun-export", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Writes a trained msgrun model as a Hugging Face transformers directory (safetensors weights, "
+        "config.json,\ngeneration_config.json for causal models, the run's tokenizer), loadable with "
+        "AutoModelForCausalLM /\nAutoModelForMaskedLM and AutoTokenizer, no remote code. gpt+layernorm -> "
+        "GPT2LMHeadModel, gpt+rmsnorm+swiglu+rope ->\nLlamaForCausalLM, bert -> BertForMaskedLM; the export "
+        "checks that its logits equal msgrun's (fp32) and refuses\nwhat no transformers class expresses "
+        "(exit 2). Needs the eval extra: pip install -e '.[eval]'.",
+        epilog="examples:\n"
+        "  msgrun-export outputs/2026-11-23/10-00-00 --out exported/tiny\n"
+        "  msgrun-export multirun/2026-11-23/10-00-00/3 --out exported/msg --checkpoint "
+        "multirun/2026-11-23/10-00-00/3/checkpoints/step_000000400.pt\n"
+        "  python -c \"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('exported/tiny')\"\n"
+        "  msgrun ... eval=example    export and evaluate at the end of training (docs/export.md)")
     parser.add_argument("run_dir", type=Path, help="a msgrun run directory")
     parser.add_argument("--out", type=Path, required=True, help="new directory for the Hugging Face files")
     parser.add_argument("--checkpoint", help="a checkpoint file (default: the run's newest valid one)")

@@ -34,12 +34,19 @@ Across a growth event:
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass
 
 import torch
 
 LEMON_DECAY_SPAN = 0.5  # lr_policy=lemon: fraction of the remaining budget over which the LR decays
+# A warmup longer than this share of train.max_steps leaves little of the run to decay in (the
+# warmup is counted in steps, not in budget, so it does not shrink with a short run)
+WARMUP_SHARE = 0.25
+# A run "ended annealed" when the LR at the end of its budget is within this share of the peak
+# above the floor (min_lr_ratio)
+ANNEALED_WITHIN = 0.05
 
 
 def no_decay(name: str, p: torch.nn.Parameter) -> bool:
@@ -125,3 +132,35 @@ class LRSchedule:
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():
             setattr(self, k, v)
+
+
+def warmup_warning(warmup_steps: int, max_steps: int) -> str | None:
+    """Before training: a fixed warmup that takes a large share of a short run. (A token or FLOPs
+    budget can only end the run sooner, so the share is at least this.)"""
+    if max_steps <= 0 or warmup_steps <= WARMUP_SHARE * max_steps:
+        return None
+    return (f"warning: optim.warmup_steps={warmup_steps} is {warmup_steps / max_steps:.0%} of train.max_steps="
+            f"{max_steps}: the learning rate reaches its peak late and has little of the run left to decay. "
+            f"For a short run lower it, e.g. optim.warmup_steps={max(1, round(0.06 * max_steps))} (6% of the steps).")
+
+
+def annealing_warning(schedule: LRSchedule, step: int, lr_policy: str) -> str | None:
+    """After training: the LR the schedule had reached at the end of the budget, when it is well
+    above the floor. A run that ends unannealed reports a loss its budget could have beaten, so
+    comparing it with an annealed run measures the schedule, not the growth."""
+    if schedule.decay == "constant" or schedule.peak <= 0:
+        return None
+    final = copy.copy(schedule)(step, 1.0) / schedule.peak  # a copy: reading it must not fix the decay start
+    if final <= schedule.min_ratio + ANNEALED_WITHIN:
+        return None
+    if schedule.decay_start is None:
+        why = (f"the warmup (optim.warmup_steps={schedule.warmup_steps}) had not finished when the run ended; "
+               "lower optim.warmup_steps")
+    elif lr_policy in ("rewind", "lemon") and (schedule.rewinds or lr_policy == "lemon"):
+        why = (f"operator.lr_policy={lr_policy} moved the decay at the growth events (the MSG reference's rewind "
+               "ends above the floor by design); operator.lr_policy=continue ends annealed")
+    else:
+        why = "the decay did not reach the end of the budget; check optim.warmup_steps and the budget keys"
+    return (f"warning: the run ended at {final:.0%} of its peak learning rate (floor optim.min_lr_ratio="
+            f"{schedule.min_ratio:g}): it was not annealed, because {why}. Its final loss is not what this "
+            "budget gives an annealed run; compare it with runs that end the same way.")

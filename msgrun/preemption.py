@@ -12,6 +12,7 @@ job resumes from it.
 
 from __future__ import annotations
 
+import shlex
 import signal
 import sys
 import threading
@@ -71,6 +72,14 @@ class StopSignals:
         """The exception that ends the run (signum: this rank's signal, or another rank's)."""
         name = signal.Signals(signum).name
         return Interrupted(signum,
-                           f"interrupted by {name} after step {step}; checkpoint {checkpoint_path} written. Rerun the "
-                           "same command (same hydra.run.dir) to continue exactly where it stopped.",
+                           f"interrupted by {name} after step {step}; checkpoint {checkpoint_path} written.",
                            self.previous.get(signum))
+
+
+def resume_command(argv: list[str], run_dir, multirun: bool) -> str:
+    """The command that continues a stopped run: the user's own arguments, with the run
+    directory made explicit. The default directory is a timestamp (outputs/<date>/<time>), so
+    rerunning the command as typed would start a new run elsewhere instead of resuming."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    args = [a for a in argv[1:] if not a.lstrip("+~").startswith(f"{key}=")]
+    return shlex.join(["msgrun", *args, f"{key}={run_dir}"])

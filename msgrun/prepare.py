@@ -49,6 +49,9 @@ def hydra_entry(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    from msgrun.help import prepare_help, print_help_if_asked
+
+    print_help_if_asked(prepare_help)
     ConfigStore.instance().store(name="prepare_schema", node=PrepareConfig)
     hydra_entry()
 

@@ -101,7 +101,12 @@ def format_status(r: dict) -> str:
     parts = [f"loss {r['loss']:.4f}"]
     if "val_loss" in r:
         parts.append(f"val {r['val_loss']:.4f} ({r['val_bpb']:.3f} bpb)")
-    parts += [f"lr {r['lr']:.2e}", f"{r.get('tokens_per_s', 0):,.0f} tok/s", f"{r['flops']:.3e} FLOPs"]
+    parts.append(f"lr {r['lr']:.2e}")
+    if "tokens_per_s" in r:
+        parts.append(f"{r['tokens_per_s']:,.0f} tok/s")
+    if r.get("compile_seconds"):
+        parts.append(f"compile {r['compile_seconds']:.1f} s")
+    parts.append(f"{r['flops']:.3e} FLOPs")
     if r.get("mfu") is not None:
         parts.append(f"MFU {100 * r['mfu']:.1f}%")
     if r.get("alpha") is not None:

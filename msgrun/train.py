@@ -34,7 +34,7 @@ from msgrun.flops import train_flops
 from msgrun.growth.engine import GrowthEngine, probe
 from msgrun.growth.masks import masked_modules
 from msgrun.model import ModelArgs, Transformer
-from msgrun.optim import LRSchedule, build_adamw, set_lr
+from msgrun.optim import LRSchedule, annealing_warning, build_adamw, set_lr, warmup_warning
 from msgrun.preflight import describe as describe_preflight
 from msgrun.preflight import run_preflight
 from msgrun.preemption import Interrupted, StopSignals
@@ -129,6 +129,9 @@ class Trainer:
         self.branch: dict | None = None  # train.branch_from: the parent's record
         self.stop: StopSignals | None = None  # set by run()
         self.metrics = self.growth_log = self.wandb = None  # rank 0's files and wandb run, opened by run()
+        # torch.compile works on the first call: the first step after each (re)compile is timed
+        # as compile time (metrics.jsonl/summary.json compile_seconds), not as training throughput
+        self.compile_pending, self.compile_seconds = False, 0.0
 
     # ------------------------------------------------------------------ setup and teardown
     def run(self) -> dict:
@@ -161,6 +164,9 @@ class Trainer:
             self.wandb.backfill(self.run_dir / "metrics.jsonl", self.run_dir / "growth.jsonl")  # after a SIGKILL
             self.console.print(self.describe(resumed))
             self.console.print(describe_preflight(self.preflight))
+            warmup = warmup_warning(cfg.optim.warmup_steps, cfg.train.max_steps)
+            if warmup:
+                self.console.print(warmup)
         status, error = "failed", None
         try:
             self.loop()
@@ -183,6 +189,9 @@ class Trainer:
             self.loader.close()
             if self.is_main and status == "completed":
                 self.console.print(self.where(summary, wandb_dir))
+                unannealed = annealing_warning(self.lr_schedule, self.step, self.engine.operator.cfg.lr_policy)
+                if unannealed:
+                    self.console.print(unannealed)
             distributed.teardown(self.dist)
         return summary
 
@@ -235,6 +244,7 @@ class Trainer:
         model = self.model
         if self.cfg.train.compile:
             model.compile_units()  # each block and the head (model.py says why those units)
+            self.compile_pending = True  # announced and timed by the next train_step
         if self.dist.mode == "fsdp":
             _, optim_state = distributed.full_state(model, self.optimizer)
             distributed.shard(model, self.dist)
@@ -315,6 +325,10 @@ class Trainer:
         set_lr(self.optimizer, lr)
         self.engine.before_step(self.step)
 
+        if self.compile_pending:
+            self.console.print(f"compiling (train.compile=true) for shape {self.engine.shape}: this step waits for "
+                               "torch.compile, seconds to minutes")
+        frames = compiled_frames() if tc.compile else 0
         t0 = time.perf_counter()
         with self.wall:
             loss_sum = torch.zeros((), device=self.device)
@@ -344,9 +358,23 @@ class Trainer:
         else:
             w["loss"] += loss_mean.detach()
             w["steps"] += 1
-        w["tokens"] += rows * T
-        w["flops"] += step_flops
-        w["seconds"] += time.perf_counter() - t0
+        # a step that waited for torch.compile: the first after (re)wrapping, or one where Dynamo
+        # recompiled a unit (a guard changed, e.g. MSG's masks dropped at the end of a ramp)
+        recompiled = tc.compile and compiled_frames() > frames
+        if self.compile_pending or recompiled:  # compile time, not throughput
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+            what = "the first step at" if self.compile_pending else f"step {self.step} recompiled for"
+            self.compile_pending = False
+            self.compile_seconds += seconds
+            w["compile_seconds"] = w.get("compile_seconds", 0.0) + seconds
+            self.console.print(f"compiled: {what} shape {self.engine.shape}, {seconds:.1f} s (compile_seconds in "
+                               "metrics.jsonl and summary.json; within wall_time, outside tokens/s)")
+        else:
+            w["tokens"] += rows * T
+            w["flops"] += step_flops
+            w["seconds"] += time.perf_counter() - t0
         self.lr = lr
 
     def fit_batches(self, k: int) -> list[dict]:
@@ -385,13 +413,17 @@ class Trainer:
         record = {
             "step": self.step, "tokens": self.tokens, "flops": self.flops, "wall_time": self.wall.total,
             "loss": loss, "lr": self.lr, **shape.as_dict(), "params": self.model.num_params(),
-            "epoch": self.stream.epoch(self.tokens), "tokens_per_s": w["tokens"] / max(w["seconds"], 1e-9),
+            "epoch": self.stream.epoch(self.tokens),
         }
-        if self.peak_flops:
-            record["mfu"] = w["flops"] / max(w["seconds"], 1e-9) / (self.peak_flops * self.dist.world_size)
+        if w["seconds"] > 0:  # throughput of the timed steps (a window of one compile step has none)
+            record["tokens_per_s"] = w["tokens"] / w["seconds"]
+            if self.peak_flops:
+                record["mfu"] = w["flops"] / w["seconds"] / (self.peak_flops * self.dist.world_size)
         record.update(self.engine.log_fields())
         if w["skipped"]:
             record["skipped_steps"] = w["skipped"]
+        if "compile_seconds" in w:
+            record["compile_seconds"] = w["compile_seconds"]
         if not math.isfinite(loss) and not self.cfg.train.skip_nonfinite:
             raise NonFiniteLoss(
                 f"The training loss became {loss} between steps {self.step - w['steps'] + 1} and {self.step}. "
@@ -546,7 +578,7 @@ class Trainer:
         val = self.last_val or {}
         return {
             "status": status, "error": error, "steps": self.step, "tokens": self.tokens, "flops": self.flops,
-            "wall_time": self.wall.total, "params": self.model.num_params(),
+            "wall_time": self.wall.total, "compile_seconds": self.compile_seconds, "params": self.model.num_params(),
             "final_loss": last.get("loss"), "final_val_loss": val.get("val_loss"), "final_val_bpb": val.get("val_bpb"),
             "final_shape": self.engine.shape.as_dict(), "growth_events": self.engine.events_done,
             "preflight": self.preflight, **self.downstream_results,
@@ -557,6 +589,13 @@ class Trainer:
                      "epochs": self.tokens / max(int(self.corpus.train.size), 1)},
             **provenance.collect(self.device, self.dist.world_size),
         }
+
+
+def compiled_frames() -> int:
+    """Frames Dynamo has compiled in this process (first compiles and recompiles)."""
+    from torch._dynamo.utils import counters
+
+    return counters["frames"]["ok"]
 
 
 def growth_table(r: dict):

@@ -167,3 +167,32 @@ def test_two_processes_evaluate_like_one(tmp_path, cache_dir, texts, mode):
     assert {"eval/real/ppl", "eval/msgrun_pycode/acc"} <= keys and keys == {k for k in summaries[1] if k.startswith("eval/")}
     for k in keys:
         assert summaries[1][k] == pytest.approx(summaries[0][k], rel=1e-3), k
+
+
+def test_a_hub_dataset_without_network_is_refused_from_the_cache_at_once(make_cfg, tmp_path, monkeypatch):
+    """eval=wikitext2 without network: the hub client retried for ~30 s before the refusal. With
+    the hub unreachable the dataset is looked up in offline mode (the cache only), and the
+    refusal says so."""
+    datasets = pytest.importorskip("datasets")
+    from huggingface_hub import constants
+
+    from msgrun import evaluate
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # as a user without HF_HUB_OFFLINE set
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False, raising=False)
+    monkeypatch.setattr(evaluate, "hub_reachable", lambda timeout=3.0: False)
+    seen = []
+    real = datasets.load_dataset
+
+    def load_dataset(*args, **kwargs):
+        seen.append(constants.HF_HUB_OFFLINE)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty_cache"))  # wikitext is surely not in it
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty_cache", raising=False)
+    with pytest.raises(ConfigError, match=r"eval.perplexity.wikitext2: wikitext .*cannot be reached"):
+        Trainer(make_cfg("train.max_steps=2", "eval=wikitext2"), tmp_path / "run")
+    assert seen == [True]  # asked in offline mode: no network retries
+    assert constants.HF_HUB_OFFLINE is False  # and the switch is put back
+    assert not (tmp_path / "run").exists()

@@ -211,3 +211,19 @@ def test_length_pooling_is_read_as_the_growth_operator_reads_it(seq_len_method, 
     if pool > 1:
         with pytest.raises(ExportError, match="length pooling"):
             check_state([], pool_of(state, cfg))
+
+
+def test_export_is_readable_like_any_file_and_sets_no_max_length(grown_runs, tmp_path):
+    """mkdtemp's 0700 directory and 0600 files made an export unreadable to the user's group;
+    generation_config.json's max_length made generate(max_new_tokens=...) warn on every call."""
+    old = os.umask(0o022)
+    try:
+        export_run(grown_runs["gpt2"], tmp_path / "hf")
+    finally:
+        os.umask(old)
+    out = tmp_path / "hf"
+    assert out.stat().st_mode & 0o777 == 0o755
+    for path in out.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o644, path.name
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert "max_length" not in generation and generation["eos_token_id"] is not None

@@ -4,7 +4,7 @@ import pytest
 
 from msgrun.config import OptimConfig, check_config
 from msgrun.errors import ConfigError
-from msgrun.optim import LRSchedule
+from msgrun.optim import LRSchedule, annealing_warning, warmup_warning
 from msgrun.train import Trainer
 
 from conftest import read_jsonl
@@ -86,3 +86,38 @@ def test_a_max_flops_run_reaches_its_peak_lr_and_ends_annealed(make_cfg, tmp_pat
     assert len(lrs) == 40
     assert max(lrs) == pytest.approx(1e-3)
     assert lrs[-1] == pytest.approx(1e-4, rel=0.05)  # annealed: the last step's LR is the minimum
+
+
+def test_a_warmup_that_takes_most_of_a_short_run_is_warned_about_before_training():
+    assert warmup_warning(50, 800) is None  # the default job: 6%
+    message = warmup_warning(50, 60)
+    assert "optim.warmup_steps=50" in message and "83%" in message and "optim.warmup_steps=4" in message
+
+
+def test_a_run_that_ends_unannealed_is_warned_about_and_says_why():
+    cfg = OptimConfig(warmup_steps=5, decay="linear", min_lr_ratio=0.1)
+    annealed = LRSchedule.create(1.0, cfg)
+    lrs_over(annealed, 60, 1 / 60)
+    assert annealing_warning(annealed, 60, "continue") is None
+
+    rewound = LRSchedule.create(1.0, cfg)  # MSG's reference policy: the decay goes back to the peak twice
+    for step in range(60):
+        if step in (20, 40):
+            rewound.on_growth("rewind", step, step / 60)
+        rewound(step, step / 60)
+    message = annealing_warning(rewound, 60, "rewind")
+    assert "not annealed" in message and "operator.lr_policy=rewind" in message
+    assert f"{(1 - 0.9 * 20 / 55):.0%} of its peak" in message  # the decay from step 40 covers 20/55 of its span
+    assert rewound.decay_start == pytest.approx(40 / 60)  # reading the end LR did not change the schedule
+
+    unfinished = LRSchedule.create(1.0, OptimConfig(warmup_steps=100, decay="cosine", min_lr_ratio=0.1))
+    lrs_over(unfinished, 60, 1 / 60)
+    assert "had not finished" in annealing_warning(unfinished, 60, "continue")
+
+
+def test_a_short_msg_run_prints_the_unannealed_warning(make_cfg, tmp_path, capsys):
+    cfg = make_cfg("train.max_steps=12", "train.eval_every=12", "model.layers=2", "schedule=layers_only",
+                   "schedule.stages.0.at_fraction=0.75", "operator=msg", "operator.ramp_steps=2", "optim.warmup_steps=2")
+    Trainer(cfg, tmp_path / "run").run()
+    out = capsys.readouterr().out
+    assert "it was not annealed" in out and "operator.lr_policy=rewind" in out

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -57,7 +58,10 @@ def test_a_stopped_sweep_rerun_resumes_its_unfinished_job_and_skips_the_finished
     assert json.loads((sweep / "1" / "summary.json").read_text())["status"] == "interrupted"
     job0 = {p: p.read_bytes() for p in sorted((sweep / "0").rglob("*")) if p.is_file()}
 
-    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    printed = err.split("To continue exactly where it stopped, run:\n")[1].splitlines()[0].strip()
+    assert printed == shlex.join(["msgrun", *cmd[3:-1], f"hydra.sweep.dir={sweep}"])  # the sweep, not the job
+    r = subprocess.run([*cmd[:3], *shlex.split(printed)[1:]], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "finished run; not trained again" in r.stderr and "resuming from" in r.stdout
     assert {p: p.read_bytes() for p in sorted((sweep / "0").rglob("*")) if p.is_file()} == job0
@@ -65,3 +69,31 @@ def test_a_stopped_sweep_rerun_resumes_its_unfinished_job_and_skips_the_finished
     assert [j["status"] for j in jobs] == ["completed", "completed"]
     assert [json.loads(line)["step"] for line in (sweep / "1" / "metrics.jsonl").read_text().splitlines()] == \
         list(range(1, 31))
+
+
+def test_a_stopped_run_prints_the_exact_command_that_resumes_it(tmp_path, cache_dir):
+    """On the default timestamped run directory, rerunning the command as typed would start a new
+    run: the message carries the command with hydra.run.dir=<this run>, and that command resumes."""
+    args = [*FAST, "train.max_steps=30", "train.log_every=1", "train.threads=1"]
+    env = {**os.environ, "MSGRUN_CACHE": cache_dir}
+    proc = subprocess.Popen([sys.executable, "-m", "msgrun", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        metrics = list(tmp_path.glob("outputs/*/*/metrics.jsonl"))
+        if metrics and len(metrics[0].read_text().splitlines()) >= 5:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    [run_dir] = tmp_path.glob("outputs/*/*")
+    printed = err.split("To continue exactly where it stopped, run:\n")[1].splitlines()[0].strip()
+    assert printed == shlex.join(["msgrun", *args, f"hydra.run.dir={run_dir}"])
+
+    time.sleep(1.1)  # a rerun as typed would now get another timestamped directory
+    r = subprocess.run([sys.executable, "-m", "msgrun", *shlex.split(printed)[1:]], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stdout and list(tmp_path.glob("outputs/*/*")) == [run_dir]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"

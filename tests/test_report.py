@@ -640,3 +640,28 @@ def test_older_wandb_python_datastore_records_are_converted(tmp_path, monkeypatc
     assert list(run.curve("val_loss")[2]) == [3.1, 2.7]
     (event,) = run.growth  # no growth rows: inferred from the layer count
     assert event["dims"] == ["layers"]
+
+
+def test_the_terminal_shows_one_headline_per_group_never_cut_inside_a_value(tmp_path, capsys, monkeypatch):
+    """A 14-column table folded into 120 columns cut values in two (1.45e1 / 1); the terminal gets
+    one line per group (comparison, speed-up with interval, Δ loss), wrapped at spaces only."""
+    sweep = tmp_path / "sweep"
+    base_run(sweep / "0", BASELINE, seed=1)
+    base_run(sweep / "1", [(f, v + 0.02) for f, v in BASELINE], seed=2)
+    write_run(sweep / "2", GROWN, growth=[3e11, 5e11], seed=1)
+    write_run(sweep / "3", [(2e11, 2.6), (4e11, 2.2), (6e11, 1.8), (8e11, 1.75)], growth=[3e11], seed=2)
+    monkeypatch.setenv("COLUMNS", "120")
+    assert main([str(sweep), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines() if not line.startswith("report written to")) <= 120
+    flat = " ".join(out.split())
+    with open(tmp_path / "out" / "table.csv") as f:
+        grown = next(r for r in csv.DictReader(f) if r["label"] == "depth_first/msg")
+    speedup = f"{float(grown['speedup_flops']):.2f}× [{float(grown['speedup_flops_ci_low']):.2f}×, " \
+              f"{float(grown['speedup_flops_ci_high']):.2f}×] n=2"
+    gap = f"{float(grown['gap']):+.4f} [{float(grown['gap_ci_low']):+.4f}, {float(grown['gap_ci_high']):+.4f}] n=2"
+    assert f"depth_first/msg vs none/none (largest budget): speed-up (FLOPs) {speedup}; " \
+           f"Δval_loss at equal FLOPs {gap} @ 8.00e11" in flat, out
+    assert "none/none: baseline; n=2" in flat
+    assert "│" not in out and "cost ratio" not in out  # the full table is in table.md, not on the terminal
+    assert "cost ratio" in (tmp_path / "out" / "table.md").read_text()

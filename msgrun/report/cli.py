@@ -23,11 +23,20 @@ def _default_out_dir(first: Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # argparse %-formats the help of arguments but prints description and epilog as written: "95%", not "95%%"
     parser = argparse.ArgumentParser(
-        prog="msgrun-report",
-        description="Compare msgrun runs: loss-vs-FLOPs and loss-vs-wall-clock curves; per seed pair, "
-        "speedups to a target loss and loss gaps at equal FLOPs against each group's (matched) from-scratch "
-        "baseline, with 95%% confidence intervals. Definitions: the report's footnotes and docs/architecture.md.",
+        prog="msgrun-report", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compare msgrun runs: loss-vs-FLOPs and loss-vs-wall-clock curves; per seed pair, speed-ups to a\n"
+        "target loss and loss gaps at equal FLOPs against each group's (matched) from-scratch baseline, with\n"
+        "95% confidence intervals. The terminal shows one line per group; the full table goes to table.md and\n"
+        "table.csv, the curves to a PNG, all in the output directory. Definitions: the report's footnotes and\n"
+        "docs/sweeps.md.",
+        epilog="examples:\n"
+        "  msgrun -m schedule=none,depth_first operator=msg train.seed=0,1,2   a sweep to compare\n"
+        "  msgrun-report multirun/2026-11-23/10-00-00            its report, written to that sweep's report/\n"
+        "  msgrun-report outputs/a outputs/b --out cmp            two single runs\n"
+        "  msgrun-report multirun/... --metric val_bpb --target 1.7\n"
+        "  msgrun-report multirun/... --baseline none/none        one baseline group (its label) for every group",
     )
     parser.add_argument("paths", nargs="+", metavar="PATH",
                         help="run directories, multirun directories (searched recursively) or wandb offline run folders")
@@ -56,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"msgrun-report: error: {e}", file=sys.stderr)
         return 2
     out_dir = args.out or _default_out_dir(Path(args.paths[0]))
-    print_table(comp)
+    print_table(comp, out_dir)
     written = write_report(comp, out_dir)
     print(f"report written to {out_dir}/: " + ", ".join(p.name for p in written))
     return 0

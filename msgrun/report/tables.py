@@ -1,11 +1,13 @@
-"""Rendering the comparison as text: the rich console table, table.csv, table.md, and their
-footnotes; write_report() also draws the figures."""
+"""Rendering the comparison as text: a one-line headline per group on the terminal, the full
+table with its footnotes in table.csv and table.md; write_report() also draws the figures."""
 
 from __future__ import annotations
 
 import csv
 import math
+import shutil
 import sys
+import textwrap
 from pathlib import Path
 
 from msgrun.report import frontier
@@ -238,22 +240,36 @@ def _write_markdown(comp: Comparison, path: Path, figures: list[str]) -> Path:
     return path
 
 
-def print_table(comp: Comparison, console=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def headline(row: Row, metric: str) -> str:
+    """One line for a group: what it is compared with, the FLOPs speed-up and the loss gap at
+    equal FLOPs, each with its interval (the full table, with every other column, is table.md)."""
+    cells = format_row(row)
+    state = "" if row.status == "completed" else f" [{row.status}]"
+    runs = f"n={cells['n']}, final {metric} {cells['final']}"
+    if row.baseline is None:
+        what = "baseline" if row.is_baseline else "no baseline to compare with"
+        return f"{row.label}{state}: {what}; {runs}"
+    speedup = cells["speedup_flops"]
+    if row.speedup_flops is None:
+        speedup += f" (FLOPs to target: {cells['flops_to_target']})"
+    return (f"{row.label}{state} vs {row.baseline} ({row.baseline_kind}): speed-up (FLOPs) {speedup}; "
+            f"Δ{metric} at equal FLOPs {cells['gap']}; {runs}")
 
-    # rich wraps to 80 columns when output is not a terminal; the table is wider than that
-    console = console or Console(width=None if sys.stdout.isatty() else 250)
-    table = Table(title=f"msgrun report: {comp.metric}", header_style="bold")
-    cols = columns(comp)
-    for _, title in cols:
-        table.add_column(title, overflow="fold")
+
+def print_table(comp: Comparison, out_dir: Path | None = None, file=None) -> None:
+    """The terminal report: one headline per group, wrapped at spaces only (a number is never
+    cut in two), then the notes. The 14-column table does not fit a terminal: it is written to
+    table.md and table.csv, with its footnotes."""
+    file = file or sys.stdout
+    width = max(shutil.get_terminal_size((120, 24)).columns, 60)
+
+    def say(text: str, indent: str = "  ") -> None:
+        print(textwrap.fill(text, width=width, initial_indent=indent, subsequent_indent=indent + "    ",
+                            break_long_words=False, break_on_hyphens=False), file=file)
+
+    where = f"{out_dir}/table.md" if out_dir is not None else "table.md"
+    say(f"msgrun report: {comp.metric}, one line per group (every column and the definitions: {where})", "")
     for row in comp.rows:
-        cells = format_row(row)
-        style = "bold" if row.is_baseline else ("yellow" if row.status != "completed" else None)
-        table.add_row(*(cells.get(key, DASH) for key, _ in cols), style=style)
-    console.print(table)
-    for note in footnotes(comp):
-        console.print(note, style="dim", markup=False, highlight=False)
+        say(headline(row, comp.metric))
     for note in comp.notes:
-        console.print("note: " + note, markup=False, highlight=False)
+        say("note: " + note, "")
