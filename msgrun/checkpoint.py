@@ -51,39 +51,43 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def is_valid(path: Path) -> bool:
+    """The bytes match the SHA-256 sidecar (necessary, not sufficient: see open_checkpoint)."""
     side = path.with_name(path.name + ".sha256")
     return side.exists() and side.read_text().strip() == sha256(path)
 
 
-def newest_valid(run_dir: Path, warn=print) -> Path | None:
+def load(path: Path, mmap: bool = False) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def open_checkpoint(path: Path, mmap: bool = False) -> tuple[dict | None, str | None]:
+    """The one test of a good checkpoint (resume, retention and export all ask here): its bytes
+    match its sidecar *and* it loads as a msgrun checkpoint. A file can match its sidecar and
+    still not load: written by another torch, damaged before its sidecar was computed, or
+    replaced together with it. Returns (state, None), or (None, why not). mmap=True maps the
+    tensors instead of reading them, so checking a large checkpoint costs little."""
+    if not is_valid(path):
+        return None, "is corrupt or incomplete (checksum mismatch)"
+    try:
+        state = load(path, mmap=mmap)
+        state["counters"]["step"], state["model_args"], state["model"]  # noqa: B018 - a msgrun checkpoint?
+    except Exception as e:  # noqa: BLE001 - any failure to read it means it is not a usable checkpoint
+        return None, f"does not load ({type(e).__name__}: {str(e)[:200]})"
+    return state, None
+
+
+def newest_loadable(run_dir: Path, warn=print, mmap: bool = False) -> tuple[Path | None, dict | None]:
+    """The newest good checkpoint (open_checkpoint) and its state; each newer one is warned about."""
     for path in reversed(list_checkpoints(run_dir)):
-        if is_valid(path):
-            return path
-        warn(f"warning: checkpoint {path} is corrupt or incomplete (checksum mismatch); trying the previous one.")
-    return None
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def newest_loadable(run_dir: Path, warn=print) -> tuple[Path | None, dict | None]:
-    """The newest checkpoint whose checksum matches and which loads (a file can match its sidecar
-    and still not load: written by another torch, or damaged before its sidecar was computed),
-    with its state."""
-    for path in reversed(list_checkpoints(run_dir)):
-        if not is_valid(path):
-            warn(f"warning: checkpoint {path} is corrupt or incomplete (checksum mismatch); trying the previous one.")
-            continue
-        try:
-            state = load(path)
-            state["counters"]["step"]  # noqa: B018 - a file that loads but is not a msgrun checkpoint
-        except Exception as e:  # noqa: BLE001 - any failure to read it means: use the previous one
-            warn(f"warning: checkpoint {path} does not load ({type(e).__name__}: {str(e)[:200]}); trying the "
-                 "previous one.")
-            continue
-        return path, state
+        state, why = open_checkpoint(path, mmap=mmap)
+        if state is not None:
+            return path, state
+        warn(f"warning: checkpoint {path} {why}; trying the previous one.")
     return None, None
+
+
+def newest_valid(run_dir: Path, warn=print) -> Path | None:
+    return newest_loadable(run_dir, warn, mmap=True)[0]
 
 
 def last_good_message(run_dir: Path) -> str:
@@ -118,8 +122,8 @@ def save(run_dir: Path, step: int, state: dict, keep: int) -> Path:
             f"be full or a file-size limit (ulimit -f) reached; the previous checkpoints are kept. "
             f"{last_good_message(run_dir)} Free space or raise the limit, then rerun the same command to resume."
         ) from e
-    valid = [p for p in list_checkpoints(run_dir) if is_valid(p)]
-    for old in valid[:-max(1, keep)]:  # never delete the newest valid ones (the only good one included)
+    good = [p for p in list_checkpoints(run_dir) if open_checkpoint(p, mmap=True)[0] is not None]
+    for old in good[:-max(1, keep)]:  # never delete the newest good ones (the only good one included)
         old.unlink(missing_ok=True)
         old.with_name(old.name + ".sha256").unlink(missing_ok=True)
     return path

@@ -293,30 +293,26 @@ def find_tokenizer(cfg: dict, fingerprints: dict, given: str | None) -> str:
 
 
 def load_checkpoint(run_dir: Path, path: str | None) -> tuple[Path, dict]:
-    """The checkpoint to export (the newest valid one by default) and its state."""
+    """The checkpoint to export (by default the newest one that loads: checkpoint.open_checkpoint)
+    and its state."""
     run_dir = Path(run_dir)
     if path is None:
         if not run_dir.is_dir():
             raise ExportError(f"{run_dir} is not a directory; give the run directory that msgrun wrote "
                               "(it holds metrics.jsonl and checkpoints/).")
-        found = checkpoint.newest_valid(run_dir, warn=lambda m: print(m, file=sys.stderr))
-        if found is None:
-            raise ExportError(f"{run_dir} holds no valid checkpoint ({checkpoint.checkpoint_dir(run_dir)}/step_*.pt "
-                              "with a matching .sha256); a run writes one at the end and after every growth event.")
-        ckpt = found
-    else:
-        ckpt = Path(path)
-        if not ckpt.is_file():
-            raise ExportError(f"--checkpoint {ckpt}: no such file.")
-        if not checkpoint.is_valid(ckpt):
-            raise ExportError(f"--checkpoint {ckpt}: corrupt or incomplete (its bytes do not match "
-                              f"{ckpt.name}.sha256). Omit --checkpoint to use the newest valid one.")
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise ExportError(f"{ckpt} is not a msgrun checkpoint ({type(e).__name__}: {e}).") from e
-    if not isinstance(state, dict) or "model_args" not in state or "model" not in state:
-        raise ExportError(f"{ckpt} is not a msgrun checkpoint (no model_args/model entries).")
+        ckpt, state = checkpoint.newest_loadable(run_dir, warn=lambda m: print(m, file=sys.stderr))
+        if ckpt is None:
+            raise ExportError(f"{run_dir} holds no checkpoint that loads ({checkpoint.checkpoint_dir(run_dir)}/"
+                              "step_*.pt with a matching .sha256); a run writes one at the end and after every "
+                              "growth event.")
+        return ckpt, state
+    ckpt = Path(path)
+    if not ckpt.is_file():
+        raise ExportError(f"--checkpoint {ckpt}: no such file.")
+    state, why = checkpoint.open_checkpoint(ckpt)
+    if state is None:
+        raise ExportError(f"--checkpoint {ckpt} {why}: it is not a usable msgrun checkpoint (it needs a matching "
+                          f"{ckpt.name}.sha256). Omit --checkpoint to use the newest one that loads.")
     return ckpt, state
 
 

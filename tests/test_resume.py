@@ -174,3 +174,32 @@ def test_a_failed_checkpoint_write_is_one_paragraph_and_keeps_the_previous_ones(
     assert len(kept) >= 2 and all(p.stat().st_size < limit for p in kept)
     assert checkpoint.newest_loadable(tmp_path, warn=lambda *_: None)[0] == kept[-1]
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
+
+
+TINY = ["model.layers=1", "model.hidden=32", "model.heads=2", "model.head_dim=16", "model.ffn=64", "model.seq_len=32",
+        "train.batch_size=4", "train.eval_tokens=256", "train.preflight=false", "train.log_every=2",
+        "train.eval_every=2", "optim.warmup_steps=2"]
+
+
+def test_a_checkpoint_that_does_not_load_counts_for_nothing(tmp_path, make_cfg):
+    """Issue 28, case 4: retention counted a checkpoint that matched its checksum but did not load
+    as one of the newest and deleted a good one; msgrun-export then failed on the bad file instead
+    of falling back to the newest checkpoint that loads."""
+    from msgrun.export import load_checkpoint
+    from msgrun.train import Trainer
+
+    cfg = make_cfg(*TINY, "train.max_steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=2")
+    trainer = Trainer(cfg, tmp_path)
+    trainer.run()
+    two, four = checkpoint.list_checkpoints(tmp_path)
+    replace_keeping_the_sidecar(four)
+    trainer.step = 6
+    six = trainer.save_checkpoint()
+    assert checkpoint.list_checkpoints(tmp_path) == [two, four, six]  # the bad one is no good one: step 2 stays
+
+    replace_keeping_the_sidecar(six)
+    warnings = []
+    assert checkpoint.newest_loadable(tmp_path, warn=warnings.append)[0] == two
+    assert len(warnings) == 2 and all("does not load" in w for w in warnings)
+    ckpt, state = load_checkpoint(tmp_path, None)
+    assert ckpt == two and state["counters"]["step"] == 2
