@@ -344,3 +344,85 @@ def test_prepare_runs_msgrun_config_checks_before_any_work(tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     assert "msgrun-prepare: error: data.val_fraction = 0.0 is out of range" in p.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_shard_globs_are_checked_like_data_files(tmp_path):
+    """Issue 28, case 7: a dangling symlink or a loop of links in a shard glob was dropped silently
+    (data=files refuses both); a validation shard hard-linked into the training glob was not seen."""
+    d = tmp_path / "d"
+    d.mkdir()
+    write_llmc(d / "train_0.bin", counting_tokens(3000))
+    write_llmc(tmp_path / "val.bin", counting_tokens(1000, seed=1))
+
+    def opens(train, val=str(tmp_path / "val.bin")):
+        return open_shards(shards_cfg(tmp_path, train=train, val=val, vocab_size=64), log=quiet)
+
+    assert len(opens(f"{d}/train_*.bin").train) == 3000
+    (d / "train_1.bin").symlink_to(tmp_path / "moved_away.bin")
+    with pytest.raises(DataError, match=r"data.train=.*train_1.bin is a symbolic link to .*moved_away.bin.*does "
+                                        r"not exist"):
+        opens(f"{d}/train_*.bin")
+    (d / "train_1.bin").unlink()
+    (d / "train_1.bin").symlink_to(d / "train_2.bin")
+    (d / "train_2.bin").symlink_to(d / "train_1.bin")
+    with pytest.raises(DataError, match=r"data.train=.*train_1.bin .*loop of links"):
+        opens(f"{d}/train_*.bin")
+    (d / "train_1.bin").unlink()
+    (d / "train_2.bin").unlink()
+    os.link(tmp_path / "val.bin", d / "train_1.bin")  # the same file under another name
+    with pytest.raises(DataError, match=r"share files .*val.bin is .*train_1.bin"):
+        opens(f"{d}/train_*.bin")
+
+
+def rewrite_header(path, **changes):
+    """A msgrun shard whose header JSON says something else (same tokens)."""
+    import struct
+
+    raw = bytearray(path.read_bytes())
+    length = struct.unpack("<I", raw[12:16])[0]
+    meta = {**json.loads(raw[16:16 + length]), **changes}
+    blob = json.dumps(meta).encode()
+    raw[:1024] = (b"msgrunTK" + struct.pack("<II", 1, len(blob)) + blob).ljust(1024, b"\0")
+    path.write_bytes(bytes(raw))
+    return raw
+
+
+def test_a_msgrun_header_holds_only_the_dtypes_the_format_defines(tmp_path):
+    """Issue 28, case 7: "dtype": "float16" in a msgrun header was accepted and trained on bit patterns."""
+    w = ShardWriter(str(tmp_path / "f.bin"), np.uint16, {})
+    w.add(counting_tokens(500))
+    w.close()
+    rewrite_header(tmp_path / "f.bin", dtype="float16")
+    with pytest.raises(DataError, match=r"f.bin has a corrupt msgrun header \(dtype 'float16'.*uint16"):
+        read_shard(str(tmp_path / "f.bin"))
+
+
+def test_ids_above_the_vocabulary_that_the_checks_missed_stop_the_run_with_one_paragraph(tmp_path, make_cfg):
+    """Issue 28: a msgrun header whose max_id lies, or a shard rewritten under the id-scan cache
+    with its size and mtime kept, let ids >= the vocabulary reach the embedding (a traceback)."""
+    w = ShardWriter(str(tmp_path / "train.bin"), np.uint16, {})
+    w.add(counting_tokens(6000))
+    w.close()
+    write_llmc(tmp_path / "val.bin", counting_tokens(1000, seed=1))
+    raw = rewrite_header(tmp_path / "train.bin", max_id=60)  # the header lies ...
+    tokens = np.frombuffer(raw, dtype=np.uint16, count=6000, offset=1024).copy()
+    tokens[100::50] = 900  # ... about these ids
+    raw[1024:1024 + 12000] = tokens.tobytes()
+    (tmp_path / "train.bin").write_bytes(bytes(raw))
+    args = ["data=shards", f"data.train={tmp_path}/train.bin", f"data.val={tmp_path}/val.bin", "data.vocab_size=64",
+            f"data.cache_dir={tmp_path}/cache", *TINY, "train.max_steps=2"]
+    with pytest.raises(DataError, match=r"train.bin holds token id 900 at token [\d,]+, not below "
+                                        r"data.vocab_size=64; its msgrun header says the largest id is 60"):
+        Trainer(make_cfg(*args), tmp_path / "run").run()
+
+    # an llm.c shard changed under the scan cache, its size and mtime restored
+    write_llmc(tmp_path / "l.bin", counting_tokens(6000))
+    st = os.stat(tmp_path / "l.bin")
+    cfg = shards_cfg(tmp_path, train=str(tmp_path / "l.bin"), val=str(tmp_path / "val.bin"), vocab_size=64)
+    open_shards(cfg, log=quiet)  # scanned and cached
+    changed = counting_tokens(6000)
+    changed[10] = 900
+    write_llmc(tmp_path / "l.bin", changed)
+    os.utime(tmp_path / "l.bin", ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(DataError, match="l.bin holds token id 900"):
+        open_shards(cfg, log=quiet)

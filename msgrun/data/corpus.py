@@ -25,7 +25,7 @@ from typing import Callable, List, Optional
 
 import numpy as np
 
-from msgrun.data.common import DataError, _atomic_write, _mb
+from msgrun.data.common import DataError, _atomic_write, _mb, broken_link
 from msgrun.data.shards import RAW_DTYPES, Shard, SplitWriter, Tokens, read_shard, sample_fingerprint, scan_max_id
 from msgrun.data.sources import fingerprint, list_documents, split_corpus
 from msgrun.data.tokenizer import (
@@ -179,7 +179,12 @@ def _expand_shards(key: str, pattern) -> List[str]:
     if not pattern:
         raise DataError(f"data.name=shards needs {key}. " + _GLOB_HELP.format(cwd=os.getcwd()))
     expanded = os.path.expanduser(str(pattern))
-    paths = sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
+    matches = sorted(glob.glob(expanded, recursive=True))
+    for p in matches:
+        reason = broken_link(p)
+        if reason:
+            raise DataError(f"{key}={pattern!r}: {p} {reason}. Fix or remove the link, or narrow the glob.")
+    paths = [p for p in matches if os.path.isfile(p)]
     if not paths:
         raise DataError(f"{key}={pattern!r} matches no file. " + _GLOB_HELP.format(cwd=os.getcwd()))
     return [os.path.abspath(p) for p in paths]
@@ -208,10 +213,21 @@ def open_shards(cfg, log: Callable[[str], None] = print) -> Corpus:
         splits[split] = [read_shard(p, key, raw) for p in _expand_shards(key, getattr(cfg, split, None))]
         _check_finished(key, splits[split])
     every = splits["train"] + splits["val"]
-    shared = {os.path.realpath(s.path) for s in splits["train"]} & {os.path.realpath(s.path) for s in splits["val"]}
+    # one file by its inode, so that a hard link (which realpath cannot see through) counts too
+    train_files = {}
+    for s in splits["train"]:
+        st = os.stat(s.path)
+        train_files[(st.st_dev, st.st_ino)] = s.path
+    shared = []
+    for s in splits["val"]:
+        st = os.stat(s.path)
+        twin = train_files.get((st.st_dev, st.st_ino))
+        if twin is not None:
+            shared.append(s.path if twin == s.path else f"{s.path} is {twin}")
     if shared:
-        raise DataError(f"data.train and data.val share files ({', '.join(sorted(shared)[:3])}): validation "
-                        "tokens must be held out. Give data.val a glob of other files.")
+        raise DataError(f"data.train and data.val share files ({', '.join(shared[:3])}; a hard or symbolic link "
+                        "is the same file): validation tokens must be held out. Give data.val a glob of other "
+                        "files.")
 
     recorded = sorted({s.tokenizer_fingerprint for s in every if s.tokenizer_fingerprint})
     if len(recorded) > 1:
@@ -253,6 +269,7 @@ def open_shards(cfg, log: Callable[[str], None] = print) -> Corpus:
                             "larger vocabulary. Give the right data.vocab_size or data.tokenizer_path.")
     data_fp = sample_fingerprint(every)
     train, val = Tokens.open(splits["train"]), Tokens.open(splits["val"])
+    train.limit = val.limit = (vocab_size, vocab_from)
     docs = {k: (sum(s.docs for s in v) if all(s.docs is not None for s in v) else None) for k, v in splits.items()}
     log(f"data: shards: {len(train):,} train tokens in {len(splits['train'])} files, {len(val):,} val tokens in "
         f"{len(splits['val'])} files ({', '.join(sorted({s.format for s in every}))}, {train.dtype}), vocab "

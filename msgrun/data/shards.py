@@ -104,6 +104,8 @@ def read_shard(path: str, key: str = "data.train", raw_dtype: Optional[str] = No
                                   f"version {MSGRUN_VERSION}. Prepare it again with this msgrun-prepare.")
         try:
             meta = json.loads(head[16:16 + length].decode("utf-8"))
+            if meta["dtype"] not in RAW_DTYPES:  # e.g. float16: its bit patterns would be read as ids
+                raise ValueError(f"dtype {meta['dtype']!r}, and token ids are one of {list(RAW_DTYPES)}")
             dtype = np.dtype(meta["dtype"])
             shard = Shard(path, "msgrun", dtype, HEADER_BYTES, int(meta["tokens"]), int(meta["docs"]),
                           meta.get("max_id"), meta.get("eot_id"), meta.get("tokenizer_fingerprint"),
@@ -139,7 +141,10 @@ def scan_max_id(shard: Shard, cache_dir: Optional[str]) -> int:
     if shard.max_id is not None:
         return int(shard.max_id)
     st = os.stat(shard.path)
-    key = _hash(f"{os.path.realpath(shard.path)}\0{st.st_size}\0{st.st_mtime_ns}\0{shard.offset}\0{shard.dtype}".encode())
+    # ctime and inode too: copying with preserved times (cp -p, rsync -t) or `touch -r` keeps size
+    # and mtime, but no user can set ctime, and a replaced file has a new inode
+    key = _hash(f"{os.path.realpath(shard.path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\0"
+                f"{shard.offset}\0{shard.dtype}".encode())
     cached = os.path.join(cache_dir, "shard-scans", f"{key}.json") if cache_dir else None
     if cached and os.path.isfile(cached):
         try:
@@ -234,6 +239,11 @@ class Tokens:
         self.bounds = np.concatenate([[0], np.cumsum([len(p) for p in self.parts], dtype=np.int64)])
         self.dtype = np.result_type(*[p.dtype for p in self.parts]) if self.parts else np.dtype(np.uint16)
         self.shards = list(shards)
+        # (vocabulary size, where it comes from): every read checks its ids against it. The check
+        # before training trusts a msgrun header's max_id and the scan cache; a lying header or a
+        # file changed under the cache would otherwise reach the embedding as an index error
+        # (a device-side assert on a GPU).
+        self.limit: Optional[tuple[int, str]] = None
 
     @classmethod
     def open(cls, shards: Sequence[Shard]) -> "Tokens":
@@ -268,9 +278,22 @@ class Tokens:
             pos = start + done - int(self.bounds[i])
             take = min(n - done, len(part) - pos)
             out[done:done + take] = part[pos:pos + take]
+            if self.limit is not None and take and out[done:done + take].max() >= self.limit[0]:
+                self._id_error(i, pos, out[done:done + take])
             done += take
             i += 1
         return out
+
+    def _id_error(self, i: int, pos: int, got: np.ndarray) -> None:
+        where = self.shards[i].path if i < len(self.shards) else f"part {i}"
+        k = int(np.argmax(got >= self.limit[0]))
+        recorded = self.shards[i].max_id if i < len(self.shards) else None
+        why = (f"its msgrun header says the largest id is {recorded}, which is false: the file is corrupt"
+               if recorded is not None else "the file changed after its ids were checked (the scan is cached "
+               "under data.cache_dir/shard-scans by path, size and times)")
+        raise DataError(f"{where} holds token id {int(got[k])} at token {pos + k:,}, not below {self.limit[1]}; "
+                        f"{why}. Prepare or copy the shard again, or give the right data.vocab_size or "
+                        "data.tokenizer_path.")
 
     def __getitem__(self, key):
         if isinstance(key, slice):

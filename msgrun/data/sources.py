@@ -15,7 +15,7 @@ import sysconfig
 from dataclasses import dataclass
 from typing import Iterable, Iterator, List, Optional, Sequence
 
-from msgrun.data.common import DataError, _hash
+from msgrun.data.common import DataError, _hash, broken_link
 
 SOURCES = ("pystdlib", "pysite", "files", "hf")  # text sources (iter_documents)
 DATA_NAMES = SOURCES + ("shards",)  # data.name: shards are read as they are (corpus.prepare_data)
@@ -194,9 +194,9 @@ def _expand_paths(entries: Sequence[str]) -> List[str]:
                                 "directories are skipped). " + _ACCEPTED_PATHS.format(cwd=os.getcwd()))
             files += below
     for f in files:
-        if not os.path.exists(f):  # os.walk and glob list a dangling symbolic link like a file
-            raise DataError(f"data.paths: {f} is a symbolic link to {os.readlink(f)!r}, which does not exist. "
-                            "Fix or remove the link, or leave it out of data.paths.")
+        reason = broken_link(f)
+        if reason:
+            raise DataError(f"data.paths: {f} {reason}. Fix or remove the link, or leave it out of data.paths.")
     return sorted({os.path.abspath(f) for f in files})
 
 
