@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -29,15 +30,32 @@ from msgrun import protocol
 from msgrun.config import check_config, register_configs
 from msgrun.errors import MsgrunError
 from msgrun.preemption import Interrupted, resume_command
-from msgrun.rundir import CREATED_ROOT, check_run_dir, config_json, finished_run_message, first_missing, \
-    remove_own_setup, write_hydra_record
+from msgrun.rundir import CREATED_ROOT, RunDirBusy, RunDirLock, check_run_dir, config_json, finished_run_message, \
+    first_missing, launching_rank, remove_own_setup, write_hydra_record
 
 
 def run_job(cfg: DictConfig) -> float | None:
-    """Train one job (once per objective seed) and return the sweep objective."""
+    """Train one job (once per objective seed) under the run directory's lock (rank 0 holds it for
+    all ranks of a torchrun launch); return the sweep objective."""
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
+    lock = RunDirLock(run_dir)
+    try:
+        if launching_rank() == 0:
+            lock.acquire()  # before anything is written there
+    except RunDirBusy as e:  # the directory is another process's: write nothing, remove nothing
+        print(f"msgrun: error: {e}", file=sys.stderr)
+        if multirun:
+            return math.inf
+        sys.exit(2)
+    try:
+        return locked_job(cfg, hc, run_dir, multirun, lock)
+    finally:
+        lock.release()
+
+
+def locked_job(cfg: DictConfig, hc, run_dir: Path, multirun: bool, lock: RunDirLock) -> float | None:
     choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra")}
     overrides = list(hc.overrides.task)
     seeds = list(cfg.objective.seeds)
@@ -65,7 +83,8 @@ def run_job(cfg: DictConfig) -> float | None:
                     jobs.append((job_cfg, d, job_overrides, True))
                 continue
             jobs.append((job_cfg, d, job_overrides, False))
-        write_hydra_record(run_dir, cfg)
+        if launching_rank() == 0:
+            write_hydra_record(run_dir, cfg)
         from msgrun.callbacks import objective_value
         from msgrun.train import Trainer  # torch is imported only once the config is known good
 
@@ -86,8 +105,7 @@ def run_job(cfg: DictConfig) -> float | None:
         sys.exit(e.exit_code)
     except MsgrunError as e:
         if not multirun:  # a sweep keeps its job directories: the summary points at their logs
-            for d in dict.fromkeys([*job_dirs, run_dir]):  # seed directories first, then their parent
-                remove_own_setup(d, existed[d], created[d])
+            remove_own_setup(list(dict.fromkeys([*job_dirs, run_dir])), existed, created, lock)
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"msgrun: error: {e}", file=sys.stderr)
@@ -97,12 +115,29 @@ def run_job(cfg: DictConfig) -> float | None:
                 (run_dir / "error.log").write_text(f"{e}\n")
             return math.inf
         sys.exit(2)
-    except Exception:
+    except KeyboardInterrupt:  # Ctrl-C before training, or a second one during it: stop now, no traceback
         if not multirun:
+            remove_own_setup(list(dict.fromkeys([*job_dirs, run_dir])), existed, created, lock)
+        print("msgrun: error: stopped at once by Ctrl-C, without writing a checkpoint (while training, a first "
+              f"Ctrl-C checkpoints at the next step and a second one stops at once). {resume_hint(job_dirs)}",
+              file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+    except Exception:
+        if not multirun:  # a crash before training leaves no record a later command would train under
+            remove_own_setup(list(dict.fromkeys([*job_dirs, run_dir])), existed, created, lock)
             raise
         (run_dir / "error.log").write_text(traceback.format_exc())
         print(f"msgrun: job in {run_dir} failed; traceback in {run_dir / 'error.log'}", file=sys.stderr)
         return math.inf
+
+
+def resume_hint(job_dirs: list[Path]) -> str:
+    from msgrun.rundir import holds_run
+
+    if any(holds_run(d) for d in job_dirs):
+        return ("Rerun the same command (same hydra.run.dir) to resume from the last checkpoint; the steps after it "
+                "are trained again.")
+    return "Training had not started: nothing was kept, and the same command starts the run afresh."
 
 
 @hydra.main(version_base="1.3", config_path="pkg://msgrun.conf", config_name="config")
@@ -110,7 +145,7 @@ def hydra_entry(cfg: DictConfig) -> float | None:
     return run_job(cfg)
 
 
-def report_composition_errors() -> None:
+def report_composition_errors(prog: str = "msgrun") -> None:
     """Make Hydra's composition errors (unknown key, unknown group option, wrong type, override
     syntax) read like msgrun's: first line "msgrun: error: ...", Hydra's message kept below it,
     the valid keys listed for an unknown key, exit code 2. Hydra prints and exits with code 1
@@ -129,7 +164,7 @@ def report_composition_errors() -> None:
             except (ConfigCompositionException, OverrideParseException) as e:
                 if os.environ.get("HYDRA_FULL_ERROR") == "1":
                     raise
-                print(f"msgrun: error: {composition_message(e)}", file=sys.stderr)
+                print(f"{prog}: error: {composition_message(e)}", file=sys.stderr)
                 sys.exit(2)
 
         return original(guarded)

@@ -12,12 +12,17 @@ nothing and changes nothing. Two rules:
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import socket
+import sys
+import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from msgrun.errors import CheckpointError
+from msgrun.errors import CheckpointError, MsgrunError
 
 # keys that may differ between the interrupted and the resuming command
 # (eval: downstream evaluation reads the model and never changes training, so a resumed run may
@@ -30,6 +35,84 @@ OWN_SETUP_FILES = (".hydra", "config.json")
 # RUN mode: run directory -> the outermost directory this command created for it (None: the run
 # directory existed already). Filled by msgrun.callbacks.OutputDirCheck before Hydra creates it.
 CREATED_ROOT: dict[str, Path | None] = {}
+
+
+LOCK_FILE = ".msgrun.lock"
+
+
+class RunDirBusy(MsgrunError):
+    """Another live process holds the run directory's lock: this command must write nothing there."""
+
+
+def launching_rank() -> int:
+    """This process's rank as its launcher set it (torchrun: RANK; SLURM tasks: SLURM_PROCID), before
+    torch.distributed exists. Only rank 0 locks and writes the run directory's records."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return int(os.environ.get("SLURM_PROCID", "0"))
+    return 0
+
+
+class RunDirLock:
+    """An exclusive lock on a run directory, held for the whole run: two commands on one directory
+    would otherwise resume from each other's checkpoints and rewind each other's metrics.jsonl.
+
+    flock on .msgrun.lock: the kernel releases it when the holder dies (SIGKILL, OOM), so a stale
+    file never blocks a rerun. The file records who holds it (pid, host, command) for the refusal
+    message, and is removed on release so a finished run directory holds nothing of it. Removing a
+    lock file lets a process that opened the old file lock an orphaned inode, so an acquirer
+    re-checks that the path still names the file it locked and starts over when it does not."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunDirLock":
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise RunDirBusy(self.busy_message()) from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the holder removed the file as we opened it: lock the new one
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
+                 "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(owner).encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # while still held: nobody can lock this inode meanwhile
+        os.close(self.fd)
+        self.fd = None
+
+    def busy_message(self) -> str:
+        try:
+            owner = json.loads(self.path.read_text())
+            who = f"process {owner['pid']} on {owner['host']} (started {owner['since']}: {owner['command']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            who = "another process (it has not recorded itself yet)"
+        return (f"The run directory {self.path.parent} is in use by {who}. Two commands in one run directory would "
+                "resume from each other's checkpoints and overwrite each other's metrics.jsonl, so this one writes "
+                "nothing there. Wait for that process to end (rerunning this command afterwards resumes or refuses "
+                "as usual), stop it, or write this run elsewhere with hydra.run.dir=NEW_PATH.")
+
+    def __enter__(self) -> "RunDirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def comparable_config(cfg) -> dict:
@@ -116,30 +199,38 @@ def write_hydra_record(run_dir: Path, task_cfg) -> None:
     OmegaConf.save(hydra_cfg.hydra.overrides.task, record / "overrides.yaml")
 
 
-def remove_own_setup(run_dir: Path, existed_before: set[str], created_root: Path | None) -> None:
-    """After a refusal before the first step: remove the setup files this command wrote, then the
-    directories Hydra created for it (run directory and new parents), each only if empty. Nothing
-    that existed before the command is touched."""
+def remove_own_setup(dirs: list[Path], existed: dict, created: dict, lock: RunDirLock | None = None) -> None:
+    """After a refusal before the first step: remove the setup files this command wrote in each of
+    `dirs` (seed directories before their parent), release the lock, then remove the directories
+    Hydra created for it (run directory and new parents), each only if empty. Nothing that existed
+    before the command is touched. The files go while the lock is held (another command could
+    write its own .hydra/ as soon as it is free); the lock file must be gone before a directory
+    can be removed."""
     import shutil
 
-    run_dir = Path(run_dir)
-    if (run_dir / "metrics.jsonl").exists() and "metrics.jsonl" not in existed_before:
-        return  # training started: what it wrote is the run's record
-    for name in OWN_SETUP_FILES:
-        if name not in existed_before:
-            path = run_dir / name
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-    if created_root is None:
-        return
-    d = run_dir.absolute()
-    while True:
-        try:
-            d.rmdir()  # only if empty
-        except OSError:
-            return
-        if d == created_root or created_root not in d.parents:
-            return
-        d = d.parent
+    for d in dirs:
+        d = Path(d)
+        if holds_run(d) and not ({"metrics.jsonl", "checkpoints"} & existed[d]):
+            continue  # training started: what it wrote is the run's record
+        for name in OWN_SETUP_FILES:
+            if name not in existed[d]:
+                path = d / name
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+    if lock is not None:
+        lock.release()
+    for d in dirs:
+        root = created[d]
+        if root is None:
+            continue
+        d = Path(d).absolute()
+        while True:
+            try:
+                d.rmdir()  # only if empty
+            except OSError:
+                break
+            if d == root or root not in d.parents:
+                break
+            d = d.parent

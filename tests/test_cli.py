@@ -173,3 +173,46 @@ def test_binary_corpus_and_small_tokenizer_are_warned_about(tmp_path, cache_dir)
     assert r.returncode == 0, r.stderr
     assert "binary or not valid UTF-8" in r.stdout and "blob.bin" in r.stdout
     assert "fewer than data.vocab_size=4096" in r.stdout
+
+
+def test_a_running_run_directory_is_refused_and_left_untouched(tmp_path, cache_dir):
+    """Issue 28, case 1: a second command in a directory another process trains in used to resume
+    from an older checkpoint and rewind metrics.jsonl under it. Now it is refused before it writes
+    anything, naming the process that holds the directory."""
+    import socket
+
+    from msgrun.rundir import LOCK_FILE, RunDirLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')  # as if the holder were training
+    with RunDirLock(run):
+        before = tree(run)
+        r = msgrun(tmp_path, cache_dir, "train.max_steps=2", f"hydra.run.dir={run}")
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.startswith("msgrun: error: ") and "Traceback" not in r.stderr
+        assert f"process {os.getpid()} on {socket.gethostname()}" in r.stderr and "hydra.run.dir" in r.stderr
+        assert tree(run) == before  # no .hydra/, no config.json, the holder's lock record kept
+    assert not (run / LOCK_FILE).exists()
+
+
+def test_a_dead_holders_lock_file_does_not_block_and_a_run_leaves_none(tmp_path, cache_dir):
+    """flock dies with its process (SIGKILL): a lock file left behind is no lock."""
+    from msgrun.rundir import LOCK_FILE
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_FILE).write_text('{"pid": 999999, "host": "gone", "command": "msgrun", "since": "then"}')
+    r = msgrun(tmp_path, cache_dir, "train.max_steps=2", "train.eval_every=2", f"hydra.run.dir={run}")
+    assert r.returncode == 0, r.stderr
+    assert not (run / LOCK_FILE).exists() and (run / ".hydra" / "config.yaml").exists()
+
+
+def test_a_crash_before_training_leaves_no_record_for_a_later_command(tmp_path, cache_dir):
+    """Issue 28, case 1: a command that crashed before training left .hydra/, and a later, different
+    command then trained under that record."""
+    (tmp_path / "a_file").write_text("x")
+    r = msgrun(tmp_path, cache_dir, "train.max_steps=2", f"data.cache_dir={tmp_path}/a_file",
+               f"hydra.run.dir={tmp_path}/run")
+    assert r.returncode != 0
+    assert not (tmp_path / "run").exists()
