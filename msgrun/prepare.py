@@ -10,6 +10,7 @@ ends in one paragraph and exit code 2 before anything is written.
 
 from __future__ import annotations
 
+import signal
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
@@ -35,6 +36,11 @@ class PrepareConfig:
 
 @hydra.main(version_base="1.3", config_path="pkg://msgrun.conf", config_name="prepare")
 def hydra_entry(cfg: DictConfig) -> None:
+    sys.exit(run(cfg))
+
+
+def run(cfg) -> int:
+    """Prepare as cfg says; the exit code (2: bad input, 130: Ctrl-C), every failure one paragraph."""
     from msgrun.data.prepare import prepare_shards
 
     try:
@@ -45,14 +51,21 @@ def hydra_entry(cfg: DictConfig) -> None:
         prepare_shards(cfg.data, cfg.out_dir, cfg.shard_tokens, cfg.batch_bytes, progress=bar)
     except MsgrunError as e:
         print(f"msgrun-prepare: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    except KeyboardInterrupt:
+        print(f"msgrun-prepare: error: stopped by Ctrl-C. The shards finished so far are recorded in "
+              f"{cfg.out_dir}/progress.json: rerun the same command to resume after them.", file=sys.stderr)
+        return 128 + signal.SIGINT
+    return 0
 
 
 def main() -> None:
+    from msgrun.cli import report_composition_errors
     from msgrun.help import prepare_help, print_help_if_asked
 
     print_help_if_asked(prepare_help)
     ConfigStore.instance().store(name="prepare_schema", node=PrepareConfig)
+    report_composition_errors("msgrun-prepare")  # a misspelled key: one paragraph, exit 2
     hydra_entry()
 
 

@@ -426,3 +426,186 @@ def test_ids_above_the_vocabulary_that_the_checks_missed_stop_the_run_with_one_p
     os.utime(tmp_path / "l.bin", ns=(st.st_atime_ns, st.st_mtime_ns))
     with pytest.raises(DataError, match="l.bin holds token id 900"):
         open_shards(cfg, log=quiet)
+
+
+# ---------------------------------------------------------------------------------------------
+# msgrun-prepare: every state on disk resumes, a refusal leaves nothing (issue 28)
+
+
+def text_corpus(d, n=12):
+    d.mkdir(exist_ok=True)
+    for i in range(n):
+        (d / f"doc{i:02d}.txt").write_text(f"def function_{i}(x, y):\n    return x * {i} + y  # {i}\n" * (30 + i))
+    return d
+
+
+def files_cfg(tmp_path, corpus, **kw):
+    return DataConfig(name="files", paths=[str(corpus)], vocab_size=kw.pop("vocab_size", 300),
+                      cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def listing(d):
+    return sorted(p.name for p in d.iterdir())
+
+
+def test_a_prepare_killed_after_training_its_tokenizer_resumes_with_it(tmp_path, monkeypatch):
+    """Issue 28, case 2: a SIGKILL between writing tokenizer.json and progress.json left a directory
+    the rerun refused ("not written by this command"); the trained tokenizer was lost."""
+    import msgrun.data.prepare as prep
+
+    cfg = files_cfg(tmp_path, text_corpus(tmp_path / "corpus"))
+    prepare_shards(cfg, str(tmp_path / "whole"), shard_tokens=2000, log=quiet)
+    real = prep.get_tokenizer
+
+    def killed_after_writing_it(*a, **k):
+        real(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prep, "get_tokenizer", killed_after_writing_it)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_shards(cfg, str(tmp_path / "b"), shard_tokens=2000, log=quiet)
+    monkeypatch.undo()
+    assert (tmp_path / "b" / "tokenizer.json").exists()
+    lines = []
+    prepare_shards(cfg, str(tmp_path / "b"), shard_tokens=2000, log=lines.append)
+    assert not any("trained" in line for line in lines)  # the tokenizer of the killed run, reused
+    for name in listing(tmp_path / "whole"):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_refused_prepares_leave_nothing_in_an_existing_out_dir(tmp_path, monkeypatch):
+    """Issue 28, cases 3 and 6: an empty corpus, a tokenizer without <|endoftext|> and
+    data.val_fraction=0 left shards, progress.json and tokenizer.json behind; the corrected command
+    was refused as "another preparation", or reused a tokenizer trained on nothing."""
+    out = tmp_path / "out"
+    out.mkdir()  # the user's directory
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("")
+    with pytest.raises(DataError, match="no non-empty documents"):
+        prepare_shards(files_cfg(tmp_path, tmp_path / "empty"), str(out), log=quiet)
+    assert listing(out) == []
+
+    corpus = text_corpus(tmp_path / "corpus")
+    no_eot = tmp_path / "no_eot.json"
+    prepare_shards(files_cfg(tmp_path, corpus), str(tmp_path / "ref"), log=quiet)
+    no_eot.write_text((tmp_path / "ref" / "tokenizer.json").read_text().replace("<|endoftext|>", "<|end|>"))
+    with pytest.raises(DataError, match="has no '<\\|endoftext\\|>' token"):
+        prepare_shards(files_cfg(tmp_path, corpus, tokenizer_path=str(no_eot)), str(out), log=quiet)
+    assert listing(out) == []
+
+    # a refusal found after shards were written (as a document that cannot be read in the middle)
+    close, published = ShardWriter.close, []
+
+    def refused_after_second(self):
+        published.append(close(self))
+        if len(published) == 2:
+            raise DataError("data.paths: cannot read a document")
+        return published[-1]
+
+    monkeypatch.setattr(ShardWriter, "close", refused_after_second)
+    with pytest.raises(DataError, match="cannot read"):
+        prepare_shards(files_cfg(tmp_path, corpus, vocab_size=280), str(out), shard_tokens=1500, log=quiet)
+    assert len(published) == 2 and listing(out) == []
+
+    # the same refusal in a preparation an earlier command started: kept, and the way to reset said
+    published.clear()
+    monkeypatch.setattr(ShardWriter, "close", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        prepare_shards(files_cfg(tmp_path, corpus, vocab_size=280), str(out), shard_tokens=1500, log=quiet)
+    monkeypatch.setattr(ShardWriter, "close", refused_after_second)
+    with pytest.raises(DataError, match="cannot read.*keeps the unfinished preparation.*remove its progress.json"):
+        prepare_shards(files_cfg(tmp_path, corpus, vocab_size=280), str(out), shard_tokens=1500, log=quiet)
+    assert "progress.json" in listing(out)
+    monkeypatch.undo()
+    for name in ("progress.json", "tokenizer.json", *[n for n in listing(out) if n.endswith(".bin")]):
+        (out / name).unlink()
+    prepare_shards(files_cfg(tmp_path, corpus), str(out), log=quiet)  # the corrected command
+    assert (out / "manifest.json").exists()
+    for name in listing(tmp_path / "ref"):  # its tokenizer trained on the corpus, not on nothing
+        assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+
+
+def test_a_prepare_resumed_on_a_changed_corpus_is_refused(tmp_path, monkeypatch):
+    """Issue 28, case 5: resumed after the corpus changed, a prepare duplicated two documents and
+    dropped one, and its manifest carried the new corpus's fingerprint."""
+    corpus = text_corpus(tmp_path / "corpus")
+    cfg = files_cfg(tmp_path, corpus)
+    prepare_shards(cfg, str(tmp_path / "whole"), shard_tokens=1500, log=quiet)
+    close, published = ShardWriter.close, []
+
+    def killed_after_second(self):
+        published.append(close(self))
+        if len(published) == 2:
+            raise KeyboardInterrupt
+        return published[-1]
+
+    monkeypatch.setattr(ShardWriter, "close", killed_after_second)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_shards(cfg, str(tmp_path / "b"), shard_tokens=1500, log=quiet)
+    monkeypatch.undo()
+    state = json.loads((tmp_path / "b" / "progress.json").read_text())
+    assert state["splits"]["train"]["next_doc"] > 1
+    saved = (corpus / "doc00.txt").read_text()
+    (corpus / "doc00.txt").unlink()  # a document already encoded is gone
+    before = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()}
+    with pytest.raises(DataError, match="corpus changed since this preparation started.*Restore the corpus"):
+        prepare_shards(cfg, str(tmp_path / "b"), shard_tokens=1500, log=quiet)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()} == before  # nothing new written
+    (corpus / "doc00.txt").write_text(saved)
+    prepare_shards(cfg, str(tmp_path / "b"), shard_tokens=1500, log=quiet)
+    for name in listing(tmp_path / "whole"):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_prepare_warns_about_binary_input_and_a_small_tokenizer(tmp_path):
+    """Issue 28, cases 6 and 8: msgrun warns about both on its own data path; msgrun-prepare did not."""
+    corpus = text_corpus(tmp_path / "corpus", n=4)
+    (corpus / "blob.bin").write_bytes(bytes(range(256)) * 8)
+    lines = []
+    prepare_shards(files_cfg(tmp_path, corpus, vocab_size=4096), str(tmp_path / "out"), log=lines.append)
+    assert any("binary or not valid UTF-8" in line and "blob.bin" in line for line in lines)
+    assert any("fewer than data.vocab_size=4096" in line for line in lines)
+
+
+def test_prepare_cli_errors_are_one_paragraph(tmp_path, monkeypatch, capsys):
+    """Issue 28: a misspelled key, an out_dir that is a file, a full disk and Ctrl-C were tracebacks."""
+    import errno
+
+    from omegaconf import OmegaConf
+
+    import msgrun.prepare as cli
+    from msgrun.data import prepare as prep
+
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    (tmp_path / "a_file").write_text("x")
+    r = subprocess.run([sys.executable, "-m", "msgrun.prepare", "out_dirr=x"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith("msgrun-prepare: error: ") and "out_dirr" in r.stderr
+    assert "Traceback" not in r.stderr and "out_dir" in r.stderr.replace("out_dirr", "")
+
+    corpus = text_corpus(tmp_path / "corpus", n=4)
+    cfg = OmegaConf.create({"data": vars(files_cfg(tmp_path, corpus)), "out_dir": str(tmp_path / "a_file"),
+                            "shard_tokens": 1000, "batch_bytes": 1_000_000, "progress": "plain"})
+    assert cli.run(cfg) == 2
+    assert "a_file is a file, not a directory" in capsys.readouterr().err
+
+    cfg.out_dir = str(tmp_path / "out")
+    close = ShardWriter.close
+
+    def disk_full(self):
+        raise OSError(errno.ENOSPC, "No space left on device", self.tmp)
+
+    monkeypatch.setattr(ShardWriter, "close", disk_full)
+    assert cli.run(cfg) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("msgrun-prepare: error: ") and "No space left on device" in err and "resumes" in err
+    monkeypatch.setattr(ShardWriter, "close", close)
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prep, "_encode", ctrl_c)
+    assert cli.run(cfg) == 130
+    assert "stopped by Ctrl-C" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert cli.run(cfg) == 0 and (tmp_path / "out" / "manifest.json").exists()

@@ -27,10 +27,10 @@ import numpy as np
 
 from msgrun.data.common import DataError, _atomic_write, _mb, broken_link
 from msgrun.data.shards import RAW_DTYPES, Shard, SplitWriter, Tokens, read_shard, sample_fingerprint, scan_max_id
-from msgrun.data.sources import fingerprint, list_documents, split_corpus
+from msgrun.data.sources import fingerprint, is_garbled, list_documents, split_corpus, warn_garbled
 from msgrun.data.tokenizer import (
     EOT, MASK, PAD, special_ids, _vocab_size, encode_stream, get_tokenizer, load_tokenizer, token_byte_lengths,
-    token_dtype,
+    token_dtype, warn_if_smaller,
 )
 
 
@@ -94,10 +94,7 @@ def prepare_data(cfg, log: Callable[[str], None] = print) -> Corpus:
                                           lambda: (d.read() for d in train_docs), log)
     eot_id, mask_id, pad_id = special_ids(tok, tok_path)
     vocab_size = _vocab_size(tok)
-    if not cfg.tokenizer_path and vocab_size < int(cfg.vocab_size):
-        log(f"warning: the tokenizer has {vocab_size} tokens, fewer than data.vocab_size={cfg.vocab_size}: the "
-            "corpus is too small (or too repetitive) for BPE to learn that many merges. The model uses "
-            f"{vocab_size}; use a larger corpus or a smaller data.vocab_size to silence this.")
+    warn_if_smaller(cfg, vocab_size, log)
 
     tok_dir = os.path.join(data_dir, f"shards-{tok_fp}")
     shards = _cached_shards(tok_dir, len(train_docs), log)
@@ -114,7 +111,7 @@ def prepare_data(cfg, log: Callable[[str], None] = print) -> Corpus:
         def texts():
             for d, v in zip(docs, is_val):
                 text = d.read()
-                if "\x00" in text or "\ufffd" in text:
+                if is_garbled(text):
                     garbled.append(d.name)
                 yield ("val" if v else "train"), text
 
@@ -127,10 +124,7 @@ def prepare_data(cfg, log: Callable[[str], None] = print) -> Corpus:
             for w in writers.values():
                 w.abort()
             raise
-        if garbled:
-            log(f"warning: {len(garbled)} of {len(docs)} documents are binary or not valid UTF-8 (NUL bytes or "
-                f"undecodable bytes, read as U+FFFD), e.g. {', '.join(garbled[:3])}; the model trains on them as "
-                "they are. Leave such files out of data.paths if they are not text.")
+        warn_garbled(garbled, len(docs), log)
         manifest = {split: os.path.basename(s.path) for split, s in shards.items()}
         blob = json.dumps(manifest).encode()
         _atomic_write(os.path.join(tok_dir, "manifest.json"), lambda f: f.write(blob))

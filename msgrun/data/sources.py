@@ -296,6 +296,18 @@ def iter_documents(cfg) -> tuple[Iterator[Document], str]:
     return sources[cfg.name](cfg)
 
 
+def is_garbled(text: str) -> bool:
+    """Binary or not UTF-8: NUL bytes, or bytes that did not decode (read as U+FFFD)."""
+    return "\x00" in text or "\ufffd" in text
+
+
+def warn_garbled(garbled: List[str], total: int, log) -> None:
+    if garbled:
+        log(f"warning: {len(garbled)} of {total} documents are binary or not valid UTF-8 (NUL bytes or "
+            f"undecodable bytes, read as U+FFFD), e.g. {', '.join(garbled[:3])}; the model trains on them as "
+            "they are. Leave such files out of data.paths if they are not text.")
+
+
 def no_documents_message(cfg, searched: str) -> str:
     return (
         f"data.name={cfg.name}: no non-empty documents found in {searched}"

@@ -87,6 +87,14 @@ def _vocab_size(tok) -> int:
     return max(tok.get_vocab_size(with_added_tokens=True), max(tok.get_vocab().values()) + 1)
 
 
+def warn_if_smaller(cfg, vocab_size: int, log) -> None:
+    """A trained BPE can stop short of data.vocab_size (too little, or too repetitive, text)."""
+    if not cfg.tokenizer_path and vocab_size < int(cfg.vocab_size):
+        log(f"warning: the tokenizer has {vocab_size} tokens, fewer than data.vocab_size={cfg.vocab_size}: the "
+            "corpus is too small (or too repetitive) for BPE to learn that many merges. The model uses "
+            f"{vocab_size}; use a larger corpus or a smaller data.vocab_size to silence this.")
+
+
 def token_byte_lengths(tok, vocab_size: int) -> np.ndarray:
     """int32[vocab_size]: UTF-8 bytes each id stands for (special tokens 0), for bits-per-byte.
     Exact for byte-level BPE, where every character of a token's string is one byte."""
