@@ -151,6 +151,7 @@ def report_composition_errors(prog: str = "msgrun") -> None:
     the valid keys listed for an unknown key, exit code 2. Hydra prints and exits with code 1
     from hydra._internal.utils.run_and_report, which wraps every command; msgrun wraps it once."""
     import hydra._internal.utils as hydra_utils
+    import yaml
     from hydra.errors import ConfigCompositionException, OverrideParseException
 
     original = hydra_utils.run_and_report
@@ -165,6 +166,12 @@ def report_composition_errors(prog: str = "msgrun") -> None:
                 if os.environ.get("HYDRA_FULL_ERROR") == "1":
                     raise
                 print(f"{prog}: error: {composition_message(e)}", file=sys.stderr)
+                sys.exit(2)
+            except yaml.YAMLError as e:  # a config file of the user's (--config-dir, hydra.searchpath)
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                print(f"{prog}: error: a config file is not valid YAML, so the configuration cannot be composed:\n"
+                      f"{e}\nFix the file named above (HYDRA_FULL_ERROR=1 shows the traceback).", file=sys.stderr)
                 sys.exit(2)
 
         return original(guarded)

@@ -266,6 +266,12 @@ def hf_tokenizer(tokenizer_path: str, max_len: int):
 def find_tokenizer(cfg: dict, fingerprints: dict, given: str | None) -> str:
     """The tokenizer.json the run trained with: --tokenizer, data.tokenizer_path, or the BPE
     msgrun trained and cached; its bytes must match the run's tokenizer fingerprint."""
+    if fingerprints["tokenizer"].startswith("vocab-"):
+        raise ExportError(
+            f"This run trained on token shards without data.tokenizer_path, so it recorded only its vocabulary size "
+            f"({fingerprints['tokenizer']}) and no tokenizer.json can be checked against its ids; msgrun-export does "
+            "not guess. To export, train the run again (under a new hydra.run.dir) with data.tokenizer_path=<the "
+            "tokenizer.json the shards were written with>; msgrun-prepare writes it beside the shards.")
     d = cfg["data"]
     if given:
         candidates = [given]
@@ -338,9 +344,14 @@ def pool_of(state: dict, cfg: dict) -> int:
 
 
 def fresh_output(out: Path) -> None:
+    from msgrun.callbacks import unusable_dir_reason
+
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"--out {out} exists and is not an empty directory; msgrun-export never overwrites files. "
                           "Choose a new directory.")
+    reason = unusable_dir_reason(out.absolute())  # a file on the way, or no permission: before any work
+    if reason:
+        raise ExportError(f"--out {out} cannot be created: {reason}. Choose another directory.")
 
 
 def save_hf(hf, tokenizer, out: Path, info: dict) -> None:
