@@ -609,3 +609,21 @@ def test_prepare_cli_errors_are_one_paragraph(tmp_path, monkeypatch, capsys):
     assert "stopped by Ctrl-C" in capsys.readouterr().err
     monkeypatch.undo()
     assert cli.run(cfg) == 0 and (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_prepare_refused_by_anothers_lock_removes_nothing(tmp_path, monkeypatch):
+    """Two prepares started together on a missing out_dir both see it missing; the one refused by
+    the other's lock used to remove the directory the other was writing."""
+    import fcntl
+
+    import msgrun.data.prepare as prep
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "progress.json").write_text("{}")  # the other one's work
+    monkeypatch.setattr(prep, "first_missing", lambda path: out)  # as it was when this one started
+    with open(out / ".prepare.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(DataError, match="another msgrun-prepare is writing"):
+            prepare_shards(files_cfg(tmp_path, text_corpus(tmp_path / "corpus", n=3)), str(out), log=quiet)
+    assert (out / "progress.json").read_text() == "{}"

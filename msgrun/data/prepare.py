@@ -77,6 +77,11 @@ def _differences(a: dict, b: dict) -> str:
     return ", ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in keys)
 
 
+class PrepareBusy(DataError):
+    """out_dir is another msgrun-prepare's: this one removes nothing there, even a directory it
+    saw missing (both commands may have seen it missing)."""
+
+
 @contextlib.contextmanager
 def _exclusive(out_dir: str):
     """One msgrun-prepare per directory: the second is refused rather than interleaving shards.
@@ -91,8 +96,8 @@ def _exclusive(out_dir: str):
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:
             lock.close()
-            raise DataError(f"out_dir={out_dir}: another msgrun-prepare is writing to this directory. Wait for it "
-                            "to finish, or choose another out_dir.") from e
+            raise PrepareBusy(f"out_dir={out_dir}: another msgrun-prepare is writing to this directory. Wait for "
+                              "it to finish, or choose another out_dir.") from e
         if os.path.exists(path) and os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
             break
         lock.close()
@@ -137,8 +142,8 @@ def prepare_shards(cfg, out_dir: Optional[str], shard_tokens: int = 100_000_000,
                         "out_dir.") from e
     try:
         return _prepare_locked(cfg, out, identity, shard_tokens, batch_bytes, log, progress)
-    except DataError:
-        if created is not None:  # bad input leaves nothing behind (this invocation made the directory)
+    except DataError as e:
+        if created is not None and not isinstance(e, PrepareBusy):  # bad input leaves nothing (we made the directory)
             shutil.rmtree(created, ignore_errors=True)
         raise
     except OSError as e:  # writing failed: what was finished is recorded and resumes
