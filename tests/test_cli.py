@@ -216,3 +216,26 @@ def test_a_crash_before_training_leaves_no_record_for_a_later_command(tmp_path, 
                f"hydra.run.dir={tmp_path}/run")
     assert r.returncode != 0
     assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_twice_during_training_is_one_paragraph(tmp_path, cache_dir):
+    """Issue 28: a second Ctrl-C (it stops at once) ended in a KeyboardInterrupt traceback."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    env = {**{k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}, "MSGRUN_CACHE": cache_dir}
+    proc = subprocess.Popen([sys.executable, "-m", "msgrun", *FAST, "train.max_steps=400", "train.log_every=1",
+                             "train.threads=1", f"hydra.run.dir={run}"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3:
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.01)
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.02)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert "msgrun: error: stopped at once by Ctrl-C" in err or "interrupted by SIGINT" in err, err[-3000:]
