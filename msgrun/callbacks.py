@@ -94,6 +94,11 @@ def job_status(run_dir: Path) -> str:
     return "completed" if statuses == {"completed"} else "failed"
 
 
+# job directory -> why it was refused without writing anything there (another process held its
+# lock: msgrun.cli.run_job). Only this process's jobs: the basic launcher runs them here.
+REFUSED: dict[str, str] = {}
+
+
 class SweepSummary(Callback):
     """Reads the job directories at the end of a multirun. (Launchers such as joblib or submitit
     run jobs, and their on_job_end callbacks, in other processes: the files are what is shared.)"""
@@ -103,7 +108,13 @@ class SweepSummary(Callback):
 
         sweep_dir = Path(config.hydra.sweep.dir)
         jobs = []
-        for d in sorted((p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()), key=lambda p: p.name.zfill(8)):
+        refused = {Path(d).name: why for d, why in REFUSED.items() if Path(d).parent == sweep_dir}
+        for d in sorted((p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir() or p.name in refused),
+                        key=lambda p: p.name.zfill(8)):
+            if d.name in refused:  # its files, if any, are the other process's
+                jobs.append({"job": d.name, "overrides": [], "status": "refused", "dir": str(d), "log": None,
+                             "error": refused[d.name]})
+                continue
             overrides = yaml.safe_load((d / ".hydra" / "overrides.yaml").read_text()) or []
             jobs.append({"job": d.name, "overrides": overrides, "status": job_status(d), "dir": str(d),
                          "log": str(d / "error.log") if (d / "error.log").exists() else None})
@@ -113,7 +124,8 @@ class SweepSummary(Callback):
         failed = [j for j in jobs if j["status"] != "completed"]
         print(f"\nsweep {sweep_dir}: {len(jobs) - len(failed)} of {len(jobs)} jobs completed")
         for j in failed:
-            print(f"  FAILED job {j['job']} ({' '.join(j['overrides'])}): see {j['log'] or j['dir']}")
+            print(f"  FAILED job {j['job']} ({' '.join(j['overrides'])}): "
+                  + (f"refused: {j['error'].split('. ')[0]}" if "error" in j else f"see {j['log'] or j['dir']}"))
         print(f"compare them: msgrun-report {sweep_dir}")
         if failed:
             sys.stdout.flush()

@@ -47,6 +47,9 @@ def run_job(cfg: DictConfig) -> float | None:
     except RunDirBusy as e:  # the directory is another process's: write nothing, remove nothing
         print(f"msgrun: error: {e}", file=sys.stderr)
         if multirun:
+            from msgrun.callbacks import REFUSED
+
+            REFUSED[str(run_dir)] = str(e)  # the sweep's summary lists it as failed
             return math.inf
         sys.exit(2)
     try:

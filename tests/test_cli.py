@@ -239,3 +239,22 @@ def test_ctrl_c_twice_during_training_is_one_paragraph(tmp_path, cache_dir):
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
     assert "msgrun: error: stopped at once by Ctrl-C" in err or "interrupted by SIGINT" in err, err[-3000:]
+
+
+def test_a_sweep_job_whose_directory_is_in_use_is_refused_and_counted_as_failed(tmp_path, cache_dir):
+    """The lock is per job: the job whose directory another process holds writes nothing there,
+    the other job trains, and the sweep lists the refused one as failed (exit 1)."""
+    from msgrun.rundir import RunDirLock
+
+    sweep = tmp_path / "sweep"
+    (sweep / "0").mkdir(parents=True)
+    with RunDirLock(sweep / "0"):
+        env = {**{k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}, "MSGRUN_CACHE": cache_dir}
+        r = subprocess.run([sys.executable, "-m", "msgrun", "-m", *FAST, "train.max_steps=2", "train.eval_every=2",
+                            "train.seed=0,1", f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert sorted(p.name for p in (sweep / "0").iterdir()) == [".msgrun.lock"]
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert f"is in use by process {os.getpid()}" in r.stderr
+    assert "1 of 2 jobs completed" in r.stdout and "FAILED job 0" in r.stdout and "refused" in r.stdout
+    assert json.loads((sweep / "1" / "summary.json").read_text())["status"] == "completed"
