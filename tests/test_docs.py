@@ -22,8 +22,9 @@ KEYS = ("model", "schedule", "operator", "data", "optim", "train", "logger", "ob
 SETTING = re.compile(r"(?<![\w./$-])(\+?(?:%s)(?:\.[A-Za-z_0-9]+)*)=(\[[^\]\n]*\]|\{[^}\n]*\}|[^\s`'\",)]+(?:,[^\s`'\",)]+)*)"
                      % "|".join(sorted(set(KEYS) | set(GROUPS))))
 PLACEHOLDER = re.compile(r"<|>|…|\.\.\.|\$|^\[$|RUN_DIR|PATH")
-# shown in the docs as files a user writes, not shipped
-USER_FILES = {"model=gpt_narrow"}
+# shown in the docs on purpose though msgrun refuses them: files a user writes (not shipped), and
+# misspellings that demonstrate the refusal
+NOT_SETTINGS = {"model=gpt_narrow", "experiment=mgs"}
 
 
 def documented_settings() -> dict[str, str]:
@@ -39,7 +40,8 @@ def documented_settings() -> dict[str, str]:
                 continue
             values = [value] if value[0] in "[{" else value.split(",")
             for v in values:
-                if f"{key}={v}" not in USER_FILES:
+                v = v.rstrip(":.")  # prose punctuation after an inline setting
+                if f"{key}={v}" not in NOT_SETTINGS:
                     found.setdefault(f"{key}={v}", doc.relative_to(ROOT).as_posix())
     return found
 
