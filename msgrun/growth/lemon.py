@@ -54,14 +54,19 @@ def unit_map(dim: str, old: int, new: int, eta: float, gen: torch.Generator) -> 
         index = torch.cat([torch.arange(k * old) % old, torch.full((new - k * old,), -1)])
     else:
         index = torch.arange(new) % old
-    # shares of a source's consumers: (1 + eta u_j) / (sum over its copies), u_j ~ U(-1, 1): they
-    # differ between copies and sum to 1 (a unit without copies gets raw / raw = 1 exactly)
+    return UnitMap(index, shares(index, old, eta, gen))
+
+
+def shares(index: torch.Tensor, old: int, eta: float, gen: torch.Generator) -> torch.Tensor:
+    """Factors of the weights reading each unit: (1 + eta u_j) / (sum over its copies), u_j ~ U(-1, 1):
+    they differ between copies and sum to 1 (a unit without copies gets raw / raw = 1 exactly)."""
+    new = index.numel()
     raw = 1.0 + eta * (2.0 * torch.rand(new, generator=gen) - 1.0)
     copied = index >= 0
     group_sum = torch.zeros(old).index_add_(0, index[copied], raw[copied])
     scale = torch.ones(new)
     scale[copied] = raw[copied] / group_sum[index[copied]]
-    return UnitMap(index, scale)
+    return scale
 
 
 def norm_scale(old: int, new: int) -> float:

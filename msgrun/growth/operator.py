@@ -49,10 +49,10 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from msgrun.errors import ConfigError
-from msgrun.growth import expansion, lemon, ligo
+from msgrun.growth import expansion, gqa, lemon, ligo
 from msgrun.growth.schedule import Shape, Stage, check_ramp_steps
-from msgrun.growth.surgery import (Origin, UnitMap, grow_parameters, parameter_axes, transplant, unit_maps_for,
-                                   unit_size)
+from msgrun.growth.surgery import (Origin, UnitMap, chunk_ranges, grow_parameters, parameter_axes, transplant,
+                                   unit_maps_for, unit_size)
 from msgrun.model import ModelArgs, Transformer
 
 METHODS = {
@@ -169,14 +169,17 @@ class GrowthOperator:
         """Every stage grows only dimensions this operator can grow, in sizes its methods accept."""
         shape = start
         for stage in stages:
+            if {"heads", "kv_heads"} & set(stage.dims) and self.methods["heads"] is not None:
+                gqa.check_heads(self.methods["heads"], self.cfg, shape, stage.target, stage.describe())
             for d in stage.dims:
-                method = self.methods[d]
+                key = "heads" if d == "kv_heads" else d  # a key/value head is a head: operator.heads grows both
+                method = self.methods[key]
                 old, new = getattr(shape, d), getattr(stage.target, d)
                 if method is None:
                     raise ConfigError(
                         f"{stage.describe()} grows {d} ({old} -> {new}), but operator '{self.name}' cannot grow "
                         f"{d}: it grows {', '.join(self.supported) or 'nothing'}. Pick a schedule that grows only "
-                        f"those, another operator, or set operator.{d} to one of {', '.join(METHODS[d])}.")
+                        f"those, another operator, or set operator.{key} to one of {', '.join(METHODS[key])}.")
                 if method == "tile" and new % old:
                     raise ConfigError(f"{stage.describe()} grows {d} {old} -> {new}, but operator.{d}=tile copies "
                                       f"every unit an integer number of times: {new} is not a multiple of {old}.")
@@ -194,7 +197,7 @@ class GrowthOperator:
                 if method == "aki" and d == "hidden":
                     raise ConfigError("operator.hidden=aki: AKI mixes in the next layer's units, which has no "
                                       "meaning for the residual width shared by all layers; use fpi for hidden.")
-            if d == "seq_len" and final.seq_len % stage.target.seq_len:
+            if "seq_len" in stage.dims and final.seq_len % stage.target.seq_len:
                 raise ConfigError(f"{stage.describe()} trains on sequences of {stage.target.seq_len} tokens, which "
                                   f"does not divide model.seq_len = {final.seq_len}; tokens per step stay constant, "
                                   "so the final length must be a multiple of every stage's length.")
@@ -211,7 +214,8 @@ class GrowthOperator:
         """The model that trains at `shape`. RaPTr's model is always full depth: its `layers` are
         the expected path length."""
         layers = final.layers if self.raptr else shape.layers
-        return replace(final, layers=layers, hidden=shape.hidden, heads=shape.heads, ffn=shape.ffn)
+        return replace(final, layers=layers, hidden=shape.hidden, heads=shape.heads, ffn=shape.ffn,
+                       kv_heads=shape.kv_heads)
 
     # ------------------------------------------------------------------ building the grown model
     def unit_map(self, dim: str, old: int, new: int, gen: torch.Generator) -> UnitMap:
@@ -249,11 +253,12 @@ class GrowthOperator:
 
     def mask_plan(self, old_args: ModelArgs, new_args: ModelArgs) -> tuple[dict[str, torch.Tensor], list[bool]]:
         """MSG's new-unit indicators (entry level: a head is head_dim channels) and new layers."""
-        new_units = {}
-        for d in ("hidden", "heads", "ffn"):
-            old, new = getattr(old_args, d), getattr(new_args, d)
-            if old != new and self.methods[d] == "msg":
-                new_units[d] = UnitMap.append_new(old, new).new_units.repeat_interleave(unit_size(d, new_args)).float()
+        grown = {d: getattr(new_args, d) for d in ("hidden", "heads", "ffn") if self.methods[d] == "msg"}
+        if "heads" in grown:
+            grown["kv_heads"] = new_args.kv_heads  # key/value heads grow with the heads (growth/gqa.py)
+        maps = unit_maps_for(old_args, replace(old_args, **grown), lambda d, o, n: UnitMap.append_new(o, n),
+                             copy_queries=False)
+        new_units = {d: um.new_units.repeat_interleave(unit_size(d, new_args)).float() for d, um in maps.items()}
         return new_units, self.layer_plan(old_args.layers, new_args.layers)[1]
 
     def grow(self, model: Transformer, target: Shape, final: ModelArgs, gen: torch.Generator) -> Grown:
@@ -265,10 +270,15 @@ class GrowthOperator:
             grown_model, flops = ligo.fit(model, new_args, gen, self.cfg.ligo_steps, self.cfg.ligo_lr, self.fit_data)
             return Grown(grown_model, {name: Origin(None) for name, _ in grown_model.named_parameters()},
                          operator_flops=flops)
-        unit_maps = unit_maps_for(old_args, new_args, lambda d, o, n: self.unit_map(d, o, n, gen))
+        shares = ((lambda index: lemon.shares(index, old_args.heads, self.cfg.symmetry_noise, gen))
+                  if self.methods["heads"] == "lemon" else None)  # query heads copied under grouped-query attention
+        unit_maps = unit_maps_for(old_args, new_args, lambda d, o, n: self.unit_map(d, o, n, gen), shares,
+                                  copy_queries=self.methods["heads"] != "msg")
         layer_sources, _, copied = self.layer_plan(old_args.layers, new_args.layers)
         grown_model, origins = grow_parameters(model, new_args, unit_maps, layer_sources, gen)
         for d, um in unit_maps.items():
+            if d == "kv_heads":
+                continue  # taken care of with heads (AKI) or read by no matmul (symmetry noise)
             if self.methods[d] == "aki":
                 take_from_next_layer(grown_model, model, d, origins)
             if self.methods[d] in COPYING and self.cfg.symmetry_noise > 0:
@@ -333,6 +343,6 @@ def take_from_next_layer(model: Transformer, old_model: Transformer, dim: str, o
         _, src_layer, leaf = origin.source.split(".", 2)
         donor = transplant(old_params[f"blocks.{min(int(src_layer) + 1, old_L - 1)}.{leaf}"], origin, p.detach(),
                            of="value")
-        for c in range(axes[0].chunks):  # the added units of each fused chunk (q, k, v / gate, up)
-            added = slice((c * new_units + old_units) * size, (c + 1) * new_units * size)
+        for _, lo, hi in chunk_ranges(axes[0], model.args):  # the added units of each fused chunk (q, k, v / gate, up)
+            added = slice(lo + old_units * size, hi)  # AKI is multi-head only (growth/gqa.py): every chunk has A units
             p[added] = donor[added]
