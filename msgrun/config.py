@@ -115,6 +115,7 @@ class GrowSpec:
     ffn: Any = None
     seq_len: Any = None
     kv_heads: Any = None  # unset: the group size (heads per key/value head) stays as it was
+    experts: Any = None  # FFN experts (1: dense); growing 1 -> E is sparse upcycling
 
 
 @dataclass
@@ -151,6 +152,7 @@ class OperatorConfig:
     heads: Optional[str] = None
     ffn: Optional[str] = None
     seq_len: Optional[str] = None  # warmup | pool | auto (pool for bert, warmup for gpt)
+    experts: Optional[str] = "copy"  # copy: dense -> experts (sparse upcycling), experts -> more (duplication)
     # MSG
     ramp_steps: Any = 0.05  # increments of the mask strength alpha 0 -> 1: int steps, or float fraction of the run
     ramp_start: str = "zero"  # zero (the event's step trains at alpha 0: reference) | increment (at 1/R)

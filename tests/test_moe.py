@@ -120,3 +120,87 @@ def test_config_refuses_more_active_experts_than_experts(make_cfg):
 
     with pytest.raises(ConfigError, match="model.experts_per_token = 5 exceeds model.experts = 4"):
         check_config(make_cfg("model=moe_tiny", "model.experts_per_token=5"))
+
+
+# ---------------------------------------------------------------------------- growth
+def grow(model, target_experts=None, shape=None, **cfg):
+    from dataclasses import replace
+
+    from msgrun.config import OperatorConfig
+    from msgrun.growth.masks import install_masks
+    from msgrun.growth.operator import GrowthOperator
+    from msgrun.growth.schedule import Shape
+
+    op = GrowthOperator(OperatorConfig(name="test", **cfg), "gpt", "rope")
+    final = replace(model.args, experts=target_experts or model.args.experts, **(shape or {}))
+    target = Shape(final.layers, final.hidden, final.heads, final.ffn, SEQ, final.n_kv_heads, final.experts)
+    grown = op.grow(model, target, final, torch.Generator().manual_seed(7))
+    if grown.new_units or any(grown.new_layers):
+        install_masks(grown.model, torch.zeros(()), grown.new_units, grown.new_layers, op.cfg.mask_placement)
+    return grown
+
+
+def logit_diff(a, b):
+    idx = batch()
+    a.eval(), b.eval()
+    with exact_numerics(), torch.no_grad():
+        return (a(idx) - b(idx)).abs().max().item()
+
+
+@pytest.mark.parametrize("experts,k", [(5, 2), (3, 1), (4, 4)])
+def test_sparse_upcycling_is_exact(experts, k):
+    dense = make_model(experts=1, experts_per_token=k)
+    grown = grow(dense, experts, experts="copy")
+    moe = grown.model.blocks[1].mlp
+    assert len(moe.experts) == experts and moe.router.weight.abs().sum() > 0  # a real (fresh) router
+    for e in moe.experts:  # every expert a copy of the dense FFN
+        assert torch.equal(e.fc.weight, dense.blocks[1].mlp.fc.weight)
+    assert logit_diff(dense, grown.model) < 1e-5
+
+
+def test_expert_duplication_copies_experts_and_router_rows_and_its_departure_is_measured():
+    model = make_model(experts=3, experts_per_token=2)
+    grown = grow(model, 6, experts="copy", symmetry_noise=0.0)
+    old, new = model.blocks[0].mlp, grown.model.blocks[0].mlp
+    for j in range(6):
+        assert torch.equal(new.experts[j].proj.weight, old.experts[j % 3].proj.weight)
+    assert torch.equal(new.router.weight, old.router.weight.repeat(2, 1))
+    # a copy ties with its source and takes one of the token's two slots: not function preserving
+    assert logit_diff(model, grown.model) > 1e-4
+    noisy = grow(model, 6, experts="copy", symmetry_noise=1e-2).model.blocks[0].mlp.router.weight
+    assert torch.equal(noisy[:3], old.router.weight) and not torch.equal(noisy[3:], old.router.weight)
+
+
+@pytest.mark.parametrize("methods,hidden", [(dict(hidden="tile", ffn="fpi", heads="fpi"), 90),
+                                            (dict(hidden="msg", ffn="msg", heads="msg", layers="msg"), 61)],
+                         ids=["copying", "msg"])
+def test_width_and_depth_growth_of_a_mixture_is_exact(methods, hidden):
+    """Every expert grows its FFN units as a dense FFN would; the router reads the grown hidden
+    units as any consumer (tile: the copies' columns divided; msg: masked norm outputs)."""
+    model = make_model()
+    grown = grow(model, shape=dict(hidden=hidden, ffn=37, heads=4, layers=3 if "layers" in methods else 2),
+                 **methods, mask_placement="ours")
+    assert grown.model.args.experts == 5 and grown.model.blocks[0].mlp.experts[4].proj.weight.shape == (hidden, 37)
+    assert logit_diff(model, grown.model) < 1e-5
+
+
+def test_moe_model_upcycles_in_a_run_and_exports(make_cfg, tmp_path):
+    """`msgrun model=moe_tiny schedule=upcycle operator=upcycle`, small and in-process."""
+    from msgrun.train import Trainer
+
+    from conftest import read_jsonl
+
+    cfg = make_cfg("model=moe_tiny", "schedule=upcycle", "operator=upcycle", "model.seq_len=32",
+                   "data.vocab_size=500", "train.max_steps=6", "train.eval_every=6", "train.batch_size=4",
+                   "model.layers=2")
+    Trainer(cfg, tmp_path).run()
+    (event,) = read_jsonl(tmp_path / "growth.jsonl")
+    assert event["dims"] == ["experts"] and "experts" not in event["before"] and event["after"]["experts"] == 4
+    assert event["max_abs_logit_diff"] < 1e-5
+    pytest.importorskip("transformers")
+    from msgrun.export import checkpoint_model, load_checkpoint, max_logit_diff, to_hf
+
+    _, state = load_checkpoint(tmp_path, None)
+    model = checkpoint_model(state)
+    hf = to_hf(model.args, model.state_dict(), {"eot": 0, "pad": 0, "mask": 1})
+    assert max_logit_diff(model, hf, torch.arange(32).unsqueeze(0)) < 1e-4

@@ -28,6 +28,8 @@ its input weights (qkv, fc, norms) are trained copies, so it receives gradients 
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from msgrun.errors import ConfigError
@@ -98,5 +100,5 @@ def zero_output_projections(model, zeroed: list[bool]) -> None:
         if z:
             block = model.blocks[i]
             for name, p in block.named_parameters():
-                if name in OUTPUT_PROJECTIONS:
+                if re.sub(r"^mlp\.experts\.\d+\.", "mlp.", name) in OUTPUT_PROJECTIONS:  # each expert's too
                     p.zero_()

@@ -151,7 +151,8 @@ def install_masks(model, alpha: torch.Tensor, new_units: dict[str, torch.Tensor]
                     _install(emb, alpha, out_new=hidden)
             for block in model.blocks:
                 _install(block.attn.proj, alpha, out_new=hidden)
-                _install(block.mlp.proj, alpha, out_new=hidden)
+                for ffn in block.ffns():  # a mixture's output is a weighted sum of its experts'
+                    _install(ffn.proj, alpha, out_new=hidden)
     if "heads" in new_units or "kv_heads" in new_units:
         args = model.args
         heads = new_units.get("heads", torch.zeros(args.attn_width)).to(dev)
@@ -163,11 +164,11 @@ def install_masks(model, alpha: torch.Tensor, new_units: dict[str, torch.Tensor]
                 _install(block.attn.proj, alpha, in_new=heads)
     if "ffn" in new_units:
         ffn = new_units["ffn"].to(dev)
-        for block in model.blocks:
+        for mlp in (m for block in model.blocks for m in block.ffns()):
             if reference:  # before the nonlinearity; swiglu's fc rows are [gate | up]
-                _install(block.mlp.fc, alpha, out_new=ffn.repeat(2 if block.mlp.swiglu else 1))
+                _install(mlp.fc, alpha, out_new=ffn.repeat(2 if mlp.swiglu else 1))
             else:
-                _install(block.mlp.proj, alpha, in_new=ffn)
+                _install(mlp.proj, alpha, in_new=ffn)
     for block, is_new in zip(model.blocks, new_layers):
         if not is_new:
             continue
@@ -175,7 +176,8 @@ def install_masks(model, alpha: torch.Tensor, new_units: dict[str, torch.Tensor]
             _install(block, alpha)
         else:
             _install(block.attn.proj, alpha, out_alpha=True)
-            _install(block.mlp.proj, alpha, out_alpha=True)
+            for mlp in block.ffns():
+                _install(mlp.proj, alpha, out_alpha=True)
 
 
 def remove_masks(model: nn.Module) -> int:

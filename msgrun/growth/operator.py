@@ -49,7 +49,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from msgrun.errors import ConfigError
-from msgrun.growth import expansion, gqa, lemon, ligo
+from msgrun.growth import expansion, gqa, lemon, ligo, moe
 from msgrun.growth.schedule import Shape, Stage, check_ramp_steps
 from msgrun.growth.surgery import (Origin, UnitMap, chunk_ranges, grow_parameters, parameter_axes, transplant,
                                    unit_maps_for, unit_size)
@@ -61,6 +61,7 @@ METHODS = {
     "heads": ("msg", "fpi", "aki", "tile"),
     "ffn": ("msg", "fpi", "aki", "tile"),
     "seq_len": ("warmup", "pool", "auto"),
+    "experts": ("copy",),  # growth/moe.py
 }
 # methods of issue 14 (LLaMA-Pro, SOLAR, MIDAS, LEMON, LiGO): growth/expansion.py, lemon.py, ligo.py
 METHODS["layers"] += expansion.DEPTH_METHODS + ("ligo",)
@@ -215,11 +216,13 @@ class GrowthOperator:
         the expected path length."""
         layers = final.layers if self.raptr else shape.layers
         return replace(final, layers=layers, hidden=shape.hidden, heads=shape.heads, ffn=shape.ffn,
-                       kv_heads=shape.kv_heads)
+                       kv_heads=shape.kv_heads, experts=shape.experts)
 
     # ------------------------------------------------------------------ building the grown model
     def unit_map(self, dim: str, old: int, new: int, gen: torch.Generator) -> UnitMap:
         method = self.methods[dim]
+        if dim == "experts":
+            return moe.expert_map(old, new)
         if method == "msg":
             return UnitMap.append_new(old, new)
         if method == "tile":
@@ -283,6 +286,8 @@ class GrowthOperator:
                 take_from_next_layer(grown_model, model, d, origins)
             if self.methods[d] in COPYING and self.cfg.symmetry_noise > 0:
                 break_symmetry(grown_model, d, um, self.cfg.symmetry_noise, gen)
+        if "experts" in unit_maps:
+            moe.break_router_ties(grown_model, unit_maps["experts"], self.cfg.symmetry_noise, gen)
         if "hidden" in unit_maps and self.methods["hidden"] == "lemon":
             lemon.finish_hidden(grown_model, old_args.hidden)
         if self.methods["layers"] in expansion.IDENTITY_ENTRY and new_args.layers != old_args.layers:

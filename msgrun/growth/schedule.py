@@ -19,7 +19,7 @@ from typing import Callable
 from msgrun.errors import ConfigError
 from msgrun.model import kv_heads_problem
 
-DIMS = ("layers", "hidden", "heads", "ffn", "seq_len", "kv_heads")
+DIMS = ("layers", "hidden", "heads", "ffn", "seq_len", "kv_heads", "experts")
 TRIGGERS = ("at_step", "at_tokens", "at_flops", "at_fraction")
 
 
@@ -31,6 +31,7 @@ class Shape:
     ffn: int
     seq_len: int
     kv_heads: int | None = None  # None (a checkpoint from before grouped-query attention): = heads
+    experts: int = 1  # FFN experts; 1: dense
 
     def __post_init__(self):
         if self.kv_heads is None:
@@ -44,11 +45,14 @@ class Shape:
         d = asdict(self)
         if self.kv_heads == self.heads:
             del d["kv_heads"]
+        if self.experts == 1:  # likewise experts for a dense model
+            del d["experts"]
         return d
 
     def __str__(self) -> str:
         kv = f" ({self.kv_heads} kv)" if self.kv_heads != self.heads else ""
-        return f"{self.layers}L x {self.hidden}H x {self.heads}A{kv} x {self.ffn}F x T{self.seq_len}"
+        experts = f" x {self.experts}E" if self.experts > 1 else ""
+        return f"{self.layers}L x {self.hidden}H x {self.heads}A{kv} x {self.ffn}F{experts} x T{self.seq_len}"
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,8 @@ class Stage:
 
 
 def final_shape(model_cfg) -> Shape:
-    return Shape(*(int(getattr(model_cfg, d)) for d in DIMS if d != "kv_heads"), kv_heads=model_cfg.kv_heads)
+    return Shape(*(int(getattr(model_cfg, d)) for d in DIMS[:5]), kv_heads=model_cfg.kv_heads,
+                 experts=int(model_cfg.experts))
 
 
 def resolve_size(value, final: int, where: str) -> int:

@@ -21,7 +21,7 @@ import torch
 
 from msgrun.model import ModelArgs, Transformer
 
-UNIT_DIMS = ("hidden", "heads", "ffn", "kv_heads")
+UNIT_DIMS = ("hidden", "heads", "ffn", "kv_heads", "experts")
 
 
 @dataclass
@@ -78,6 +78,7 @@ def chunk_ranges(axis: Axis, args: ModelArgs) -> list[tuple[str | None, int, int
 def parameter_axes(name: str, args: ModelArgs) -> tuple[Axis, ...]:
     """Which dimension each axis of parameter `name` indexes (one table for the whole model)."""
     leaf = re.sub(r"^blocks\.\d+\.", "", name)
+    leaf = re.sub(r"^mlp\.experts\.\d+\.", "mlp.", leaf)  # every expert is laid out as the dense FFN
     fc_chunks = 2 if args.mlp == "swiglu" else 1
     table = {
         "tok_emb.weight": (Axis(None), Axis("hidden")),
@@ -90,6 +91,7 @@ def parameter_axes(name: str, args: ModelArgs) -> tuple[Axis, ...]:
         "mlp.fc.bias": (Axis("ffn", chunks=fc_chunks),),
         "mlp.proj.weight": (Axis("hidden"), Axis("ffn", fan_in=True)),
         "mlp.proj.bias": (Axis("hidden"),),
+        "mlp.router.weight": (Axis("experts"), Axis("hidden", fan_in=True)),
         "mlm_head.dense.weight": (Axis("hidden"), Axis("hidden", fan_in=True)),
         "mlm_head.dense.bias": (Axis("hidden"),),
         "lm_head.weight": (Axis(None), Axis("hidden", fan_in=True)),  # only when untied
@@ -184,13 +186,24 @@ def transplant(old: torch.Tensor | None, origin: Origin, fill: torch.Tensor, val
     return torch.where(new_mask, fill, out.to(fill.dtype))
 
 
-def layer_source_name(name: str, layer_map: list[int | None]) -> str | None:
-    """The old parameter a new parameter copies: blocks.i.* come from blocks.layer_map[i].*."""
+def layer_source_name(name: str, layer_map: list[int | None], expert_map: UnitMap | None = None,
+                      old_experts: int = 1) -> str | None:
+    """The old parameter a new parameter copies: blocks.i.* come from blocks.layer_map[i].*; an
+    expert's mlp.experts.e.* from expert expert_map[e] of an old mixture, or from the old dense
+    mlp.* (sparse upcycling: every expert a copy of the dense FFN)."""
     m = re.match(r"^blocks\.(\d+)\.(.*)$", name)
     if not m:
         return name
-    src = layer_map[int(m.group(1))]
-    return None if src is None else f"blocks.{src}.{m.group(2)}"
+    src, leaf = layer_map[int(m.group(1))], m.group(2)
+    e = re.match(r"^mlp\.experts\.(\d+)\.(.*)$", leaf)
+    if e:
+        expert = int(e.group(1)) if expert_map is None else int(expert_map.index[int(e.group(1))])
+        if expert < 0:
+            return None
+        leaf = f"mlp.{e.group(2)}" if old_experts == 1 else f"mlp.experts.{expert}.{e.group(2)}"
+    if leaf == "mlp.router.weight" and old_experts == 1:
+        return None  # a dense model has no router: the new one keeps its fresh init
+    return None if src is None else f"blocks.{src}.{leaf}"
 
 
 def sibling_name(name: str, layers: int) -> str | None:
@@ -211,7 +224,7 @@ def grow_parameters(old_model: Transformer, new_args: ModelArgs, unit_maps: dict
     origins: dict[str, Origin] = {}
     with torch.no_grad():
         for name, p in new_model.named_parameters():
-            source = layer_source_name(name, layer_map)
+            source = layer_source_name(name, layer_map, unit_maps.get("experts"), old_args.experts)
             axes = parameter_axes(name, new_args)
             maps = [axis_map(ax, unit_maps, old_args, new_args) for ax in axes]
             origin = Origin(source, maps, like=source or sibling_name(name, old_args.layers))
@@ -227,7 +240,7 @@ def unit_maps_for(old: ModelArgs, new: ModelArgs, make_map, shares=None, copy_qu
     key/value heads, and query heads follow their groups. `shares(index)`: the consumer factors
     of query heads copied under grouped-query attention (default 1/copies); `copy_queries`: extra
     query heads in a group copy the group's heads (False: they are new units, MSG)."""
-    maps = {d: make_map(d, getattr(old, d), getattr(new, d)) for d in ("hidden", "ffn")
+    maps = {d: make_map(d, getattr(old, d), getattr(new, d)) for d in ("hidden", "ffn", "experts")
             if getattr(old, d) != getattr(new, d)}
     if (old.heads, old.n_kv_heads) != (new.heads, new.n_kv_heads):
         maps.update(head_maps(old, new, make_map, shares or copy_shares, copy_queries))
