@@ -152,7 +152,7 @@ class OperatorConfig:
     heads: Optional[str] = None
     ffn: Optional[str] = None
     seq_len: Optional[str] = None  # warmup | pool | auto (pool for bert, warmup for gpt)
-    experts: Optional[str] = "copy"  # copy: dense -> experts (sparse upcycling), experts -> more (duplication)
+    experts: Optional[str] = None  # copy: dense -> experts (sparse upcycling), experts -> more (duplication)
     # MSG
     ramp_steps: Any = 0.05  # increments of the mask strength alpha 0 -> 1: int steps, or float fraction of the run
     ramp_start: str = "zero"  # zero (the event's step trains at alpha 0: reference) | increment (at 1/R)
