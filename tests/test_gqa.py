@@ -252,3 +252,14 @@ def test_gqa_model_grows_heads_in_a_run_and_exports(make_cfg, tmp_path):
     hf = to_hf(model.args, model.state_dict(), {"eot": 0, "pad": 0, "mask": 1})
     assert hf.config.num_key_value_heads == 2
     assert max_logit_diff(model, hf, torch.arange(32).unsqueeze(0)) < 1e-4
+
+
+def test_a_stage_growing_seq_len_with_kv_heads_still_checks_the_length():
+    """operator.check tested seq_len with the loop's last dimension; kv_heads now follows seq_len in
+    a stage's dims, so that test had to look at the stage's dims instead."""
+    op = GrowthOperator(OperatorConfig(name="test", heads="tile", seq_len="warmup"), "gpt", "rope")
+    start = Shape(2, 48, 4, 64, 64, 1)
+    target = Shape(2, 48, 4, 64, 80, 2)  # 80 does not divide the final 128
+    final = Shape(2, 48, 4, 64, 128, 2)
+    with pytest.raises(ConfigError, match="does not divide model.seq_len = 128"):
+        op.check(start, [Stage(0, "at_step", 1, target, ("seq_len", "kv_heads"))], final)
