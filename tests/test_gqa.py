@@ -196,8 +196,10 @@ def test_head_growth_that_cannot_be_exact_is_refused_with_the_reason(method, cfg
 
 
 def test_ligo_is_refused_under_grouped_attention():
-    with pytest.raises(ConfigError, match="operator.heads=ligo"):
+    with pytest.raises(ConfigError, match="operator=ligo learns one expansion"):
         grow(make_model(LLAMA, 6, 2), (6, 2), (9, 3), "ligo", layers="ligo", hidden="ligo", ffn="ligo")
+    with pytest.raises(ConfigError, match="operator.heads=ligo"):  # heads growth names the heads method
+        grow(make_model(LLAMA, 6, 2), (6, 2), (6, 6), "ligo", layers="ligo", hidden="ligo", ffn="ligo")
 
 
 def test_multi_head_models_grow_as_before():

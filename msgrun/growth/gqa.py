@@ -69,3 +69,15 @@ def check_heads(method: str, cfg, before, after, where: str) -> None:
             "reference placement (masks on q, k, v rows) does not reach; at alpha = 0 such a head attends uniformly "
             "and its output is not zero. Use operator.mask_placement=ours (new heads masked at the output "
             "projection), or keep the group size (leave kv_heads unset in the stage).")
+
+
+def check_learned_operator(methods: dict, final) -> None:
+    """LiGO's B_q, B_k, B_v expand attention channels of equal width (A x d_h each) and its depth
+    mixture is keyed by a dense block's parameters: refuse grouped attention and experts at once."""
+    if "ligo" not in methods.values():
+        return
+    if final.kv_heads != final.heads or final.experts > 1:
+        raise ConfigError(
+            f"operator=ligo learns one expansion per attention channel of q, k and v (each A x d_h wide) and mixes "
+            f"dense blocks; this model has {final.kv_heads} key/value heads for {final.heads} heads and "
+            f"{final.experts} FFN experts. Use LiGO with model.kv_heads=null and model.experts=1, or another operator.")

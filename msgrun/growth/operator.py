@@ -168,6 +168,7 @@ class GrowthOperator:
 
     def check(self, start: Shape, stages: list[Stage], final: Shape) -> None:
         """Every stage grows only dimensions this operator can grow, in sizes its methods accept."""
+        gqa.check_learned_operator(self.methods, final)
         shape = start
         for stage in stages:
             if {"heads", "kv_heads"} & set(stage.dims) and self.methods["heads"] is not None:
