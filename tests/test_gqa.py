@@ -207,7 +207,7 @@ def test_multi_head_models_grow_as_before():
     from msgrun.growth.schedule import resolve_schedule
     from omegaconf import OmegaConf
 
-    model = OmegaConf.create(dict(layers=2, hidden=64, heads=4, ffn=128, seq_len=32, kv_heads=None))
+    model = OmegaConf.create(dict(layers=2, hidden=64, heads=4, ffn=128, seq_len=32, kv_heads=None, experts=1))
     sched = OmegaConf.create(dict(name="h", start=dict(heads=2), stages=[dict(at_step=5, grow=dict(heads=4))]))
     start, stages = resolve_schedule(sched, model)
     assert (start.heads, start.kv_heads) == (2, 2) and stages[0].dims == ("heads",)
@@ -221,7 +221,7 @@ def test_schedule_shapes_must_group(start, grow_, match):
     from msgrun.growth.schedule import resolve_schedule
     from omegaconf import OmegaConf
 
-    model = OmegaConf.create(dict(layers=2, hidden=64, heads=8, ffn=128, seq_len=32, kv_heads=2))
+    model = OmegaConf.create(dict(layers=2, hidden=64, heads=8, ffn=128, seq_len=32, kv_heads=2, experts=1))
     sched = OmegaConf.create(dict(name="h", start=start, stages=[dict(at_step=5, grow=grow_)]))
     with pytest.raises(ConfigError, match=match):
         resolve_schedule(sched, model)
