@@ -24,7 +24,11 @@ class ModelConfig:
     hidden: int = 128  # residual width H
     heads: int = 4  # attention width is heads * head_dim, independent of hidden
     head_dim: int = 32
+    kv_heads: Optional[int] = None  # key/value heads (grouped-query attention), dividing heads; null: = heads
     ffn: int = 512
+    experts: int = 1  # FFN experts per layer (mixture of experts, msgrun/model.py MoE); 1: a dense FFN
+    experts_per_token: int = 2  # top-k routing when experts > 1
+    router_aux_coef: float = 0.01  # weight of the load-balancing loss in the training loss (experts > 1)
     seq_len: int = 128  # training and evaluation context length
     dropout: float = 0.0
     norm: str = "layernorm"  # layernorm | rmsnorm
@@ -111,6 +115,8 @@ class GrowSpec:
     heads: Any = None
     ffn: Any = None
     seq_len: Any = None
+    kv_heads: Any = None  # unset: the group size (heads per key/value head) stays as it was
+    experts: Any = None  # FFN experts (1: dense); growing 1 -> E is sparse upcycling
 
 
 @dataclass
@@ -147,6 +153,7 @@ class OperatorConfig:
     heads: Optional[str] = None
     ffn: Optional[str] = None
     seq_len: Optional[str] = None  # warmup | pool | auto (pool for bert, warmup for gpt)
+    experts: Optional[str] = None  # copy: dense -> experts (sparse upcycling), experts -> more (duplication)
     # MSG
     ramp_steps: Any = 0.05  # increments of the mask strength alpha 0 -> 1: int steps, or float fraction of the run
     ramp_start: str = "zero"  # zero (the event's step trains at alpha 0: reference) | increment (at 1/R)
@@ -312,7 +319,9 @@ def valid_choices(key: str) -> tuple:
 # schedule stages and sizes (msgrun.growth.schedule), operator.ramp_steps under MSG
 # (msgrun.growth.operator), data.vocab_size (at least the 256 bytes + special tokens, msgrun.data).
 RANGES = {
-    **{f"model.{k}": "[1, inf)" for k in ("layers", "hidden", "heads", "head_dim", "ffn", "seq_len")},
+    **{f"model.{k}": "[1, inf)" for k in ("layers", "hidden", "heads", "head_dim", "kv_heads", "ffn", "seq_len",
+                                          "experts", "experts_per_token")},
+    "model.router_aux_coef": "[0, inf)",
     "model.dropout": "[0, 1)",
     "model.norm_eps": "(0, inf)",
     "model.init_std": "(0, inf)",
@@ -447,6 +456,16 @@ def check_config(cfg) -> None:
                           f"without checking it). {valid_keys_message(key, schema)} Fix the name and drop the '+'.")
     check_section(cfg, "")
     m = cfg.model
+    if m.kv_heads is not None:
+        from msgrun.model import kv_heads_problem
+
+        problem = kv_heads_problem(m.heads, m.kv_heads)
+        if problem:
+            raise ConfigError(f"model.kv_heads = {m.kv_heads}: {problem}. Set model.kv_heads to one of those, or "
+                              "null for one key/value head per query head.")
+    if m.experts > 1 and m.experts_per_token > m.experts:
+        raise ConfigError(f"model.experts_per_token = {m.experts_per_token} exceeds model.experts = {m.experts}: each "
+                          f"token runs on its top-k experts, so k must lie in 1..{m.experts}.")
     if m.pos == "rope" and m.head_dim % 2:
         raise ConfigError(f"model.head_dim = {m.head_dim} must be even with model.pos=rope (rotary embeddings rotate "
                           "pairs of channels).")

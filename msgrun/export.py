@@ -12,6 +12,11 @@ tokenizer as a PreTrainedTokenizerFast, so `AutoModelForCausalLM` / `AutoModelFo
 * family=gpt, rmsnorm, swiglu, rope -> LlamaForCausalLM. Both rotate the two halves of each head
   (HF's rotate_half is msgrun's apply_rope) with the same frequencies base^(-2i/d_h); head_dim is
   explicit, so it may differ from hidden/heads; q/k/v and gate/up are msgrun's fused rows split.
+  Grouped-query attention (model.kv_heads) is num_key_value_heads: HF's repeat_kv gives query
+  head h the key/value head h // (A/K), as msgrun's SDPA enable_gqa does.
+* the same with model.experts > 1 (no biases) -> MixtralForCausalLM: the same softmax, top-k and
+  renormalised weights; the router is mlp.gate, the experts' fused [gate | up] rows and down
+  projections are stacked into gate_up_proj / down_proj.
 * family=bert -> BertForMaskedLM (post-LN, embedding norm, MLM transform, decoder bias); msgrun
   has no token types, so one all-zero token-type embedding is exported.
 
@@ -48,6 +53,11 @@ class ExportError(MsgrunError):
 
 def hf_architecture(args: ModelArgs) -> str:
     """The HF class that computes exactly what `args` describes, or an ExportError saying why none does."""
+    if args.moe and ((args.norm, args.mlp, args.pos) != ("rmsnorm", "swiglu", "rope") or args.bias):
+        raise ExportError(
+            f"A mixture of experts (model.experts={args.experts}) exports as MixtralForCausalLM only, which needs the "
+            "LLaMA layout without biases (model.norm=rmsnorm model.mlp=swiglu model.pos=rope model.bias=false); this "
+            f"model has model.norm={args.norm}, model.mlp={args.mlp}, model.pos={args.pos}, model.bias={args.bias}.")
     if args.family == "bert":
         if (args.norm, args.mlp, args.pos) != ("layernorm", "gelu", "learned"):
             raise ExportError(
@@ -66,7 +76,7 @@ def hf_architecture(args: ModelArgs) -> str:
                 f"LlamaConfig requires model.hidden divisible by model.heads (head_dim itself is free); this model has "
                 f"hidden {args.hidden} and {args.heads} heads. Train with a hidden size that is a multiple of the "
                 "final head count.")
-        return "LlamaForCausalLM"
+        return "MixtralForCausalLM" if args.moe else "LlamaForCausalLM"
     raise ExportError(
         f"model.norm={args.norm}, model.mlp={args.mlp}, model.pos={args.pos} matches no Hugging Face class exactly. "
         "msgrun exports family=gpt as GPT-2 (model.norm=layernorm, model.mlp=gelu, model.pos=learned) or as LLaMA "
@@ -74,6 +84,11 @@ def hf_architecture(args: ModelArgs) -> str:
 
 
 def need_square(args: ModelArgs, cls: str) -> None:
+    if args.n_kv_heads != args.heads:
+        raise ExportError(
+            f"{cls} has one key/value head per query head; this model has grouped-query attention "
+            f"(model.kv_heads={args.n_kv_heads} for {args.heads} heads). Only the LLaMA layout (model.norm=rmsnorm "
+            "model.mlp=swiglu model.pos=rope) exports key/value groups; or train with model.kv_heads=null.")
     # GPT-2 and BERT derive the head size as hidden / heads; msgrun's attention width is free
     if args.heads * args.head_dim != args.hidden:
         fix = (f"model.head_dim={args.hidden // args.heads}" if args.hidden % args.heads == 0
@@ -113,9 +128,20 @@ def hf_config(args: ModelArgs, special: dict):
                              resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout,
                              initializer_range=args.init_std, bos_token_id=special["eot"],
                              eos_token_id=special["eot"], **common)
+    if arch == "MixtralForCausalLM":
+        return tf.MixtralConfig(hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=args.layers,
+                                num_attention_heads=args.heads, num_key_value_heads=args.n_kv_heads,
+                                head_dim=args.head_dim, hidden_act="silu", max_position_embeddings=args.max_seq_len,
+                                rms_norm_eps=args.norm_eps, rope_theta=args.rope_base, num_local_experts=args.experts,
+                                num_experts_per_tok=args.active_experts, router_aux_loss_coef=args.router_aux_coef,
+                                router_jitter_noise=0.0, sliding_window=None, initializer_range=args.init_std,
+                                # transformers' default grouped_mm kernel refuses widths whose rows are not
+                                # 16-byte multiples (odd F); the eager loop computes the same on any shape
+                                experts_implementation="eager",
+                                bos_token_id=special["eot"], eos_token_id=special["eot"], **common)
     if arch == "LlamaForCausalLM":
         return tf.LlamaConfig(hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=args.layers,
-                              num_attention_heads=args.heads, num_key_value_heads=args.heads, head_dim=args.head_dim,
+                              num_attention_heads=args.heads, num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim,
                               hidden_act="silu", max_position_embeddings=args.max_seq_len, rms_norm_eps=args.norm_eps,
                               rope_theta=args.rope_base, attention_bias=args.bias, mlp_bias=args.bias,
                               initializer_range=args.init_std, bos_token_id=special["eot"],
@@ -154,17 +180,24 @@ def hf_state(args: ModelArgs, sd: dict) -> dict:
         put("transformer.ln_f.bias", bias("final_norm.bias", args.hidden))
         put("lm_head.weight", sd["lm_head.weight"])
         return out
-    if arch == "LlamaForCausalLM":
+    if arch in ("LlamaForCausalLM", "MixtralForCausalLM"):
         put("model.embed_tokens.weight", sd["tok_emb.weight"])
         for i in range(args.layers):
             b, h = f"blocks.{i}.", f"model.layers.{i}."
             put(h + "input_layernorm.weight", sd[b + "attn_norm.weight"])
             put(h + "post_attention_layernorm.weight", sd[b + "mlp_norm.weight"])
-            parts = {"attn.qkv": [("self_attn.q_proj", 0, W), ("self_attn.k_proj", W, 2 * W),
-                                  ("self_attn.v_proj", 2 * W, 3 * W)],
+            Wkv = args.kv_width
+            parts = {"attn.qkv": [("self_attn.q_proj", 0, W), ("self_attn.k_proj", W, W + Wkv),
+                                  ("self_attn.v_proj", W + Wkv, W + 2 * Wkv)],
                      "attn.proj": [("self_attn.o_proj", 0, None)],
                      "mlp.fc": [("mlp.gate_proj", 0, F), ("mlp.up_proj", F, 2 * F)],  # rows [gate | up]
                      "mlp.proj": [("mlp.down_proj", 0, None)]}
+            if args.moe:  # Mixtral: the router, and every expert's [gate | up] and down stacked
+                del parts["mlp.fc"], parts["mlp.proj"]
+                put(h + "mlp.gate.weight", sd[b + "mlp.router.weight"])
+                for src, dst in (("fc", "gate_up_proj"), ("proj", "down_proj")):
+                    put(h + "mlp.experts." + dst,
+                        torch.stack([sd[f"{b}mlp.experts.{e}.{src}.weight"] for e in range(args.experts)]))
             for src, dsts in parts.items():
                 for dst, lo, hi in dsts:
                     put(h + dst + ".weight", sd[b + src + ".weight"][lo:hi])

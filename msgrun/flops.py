@@ -8,6 +8,11 @@ Conventions (written down once; every figure in metrics.jsonl follows them):
   counted whether or not it is tied to the input embedding: tying shares the weight, not the work.
   Embedding lookups, norms, activations, softmax and the loss are not counted (they are not
   matmuls and are < 1% at these shapes).
+* Grouped-query attention (K key/value heads): the K and V projections are K * d_h wide; the
+  scores still cost what A query heads cost (each query head attends over its group's keys).
+* Mixture of experts (`model.experts` > 1): the router (H x E) and the k = experts_per_token
+  experts every token runs; the routing is dropless, so the experts process exactly k x tokens
+  rows per layer. The softmax, top-k and the weighted sum are not counted (not matmuls).
 * Attention scores: Q K^T and A V cost 2 * T * A * d_h FLOPs each per token per layer in the
   forward pass, counted for the *full* T x T square even for causal models (what the math
   kernel computes and what FlopCounterMode counts; flash kernels skip half of it, so causal MFU
@@ -30,8 +35,10 @@ from msgrun.model import ModelArgs, padded_vocab
 
 def block_matmul_params(args: ModelArgs) -> int:
     H, W, Fw = args.hidden, args.attn_width, args.ffn
-    attn = H * 3 * W + W * H
+    attn = H * (W + 2 * args.kv_width) + W * H
     mlp = H * (3 if args.mlp == "swiglu" else 2) * Fw
+    if args.moe:  # the router, and k experts per token (dropless routing: exactly k, whatever the load)
+        return attn + H * args.experts + args.active_experts * mlp
     return attn + mlp
 
 
@@ -46,7 +53,7 @@ def block_flops(args: ModelArgs, queries: int, keys: int) -> int:
     output projection and the MLP and attend over `keys` tokens, whose K and V are projected.
     QK^T and AV are counted for the full queries x keys rectangle (see module doc)."""
     H, W = args.hidden, args.attn_width
-    kv_params = 2 * H * W
+    kv_params = 2 * H * args.kv_width
     return 2 * (queries * (block_matmul_params(args) - kv_params) + keys * kv_params) + 2 * 2 * queries * keys * W
 
 

@@ -3,9 +3,12 @@
 family="gpt":  causal, pre-norm  (x + attn(norm(x)); GPT-2 or LLaMA flavoured by options)
 family="bert": bidirectional, post-norm (norm(x + attn(x))), embedding norm, MLM head;
                optionally length pooling (CompoundGrowth's small-model input, see forward)
+experts > 1:   every FFN is a mixture of experts (MoE below); experts = 1 is the dense FFN
 
 Shapes: L layers, H hidden (residual width), A heads of fixed size d_h (attention width A*d_h is
-independent of H, so heads and hidden can grow separately), F FFN inner width, V vocabulary.
+independent of H, so heads and hidden can grow separately), K key/value heads (grouped-query
+attention: query head h reads key/value head h // (A/K); K = A is plain multi-head attention),
+F FFN inner width, V vocabulary.
 The model knows nothing of growth: growth operators build a larger `Transformer` from a
 `ModelArgs` and fill its parameters; MSG wraps submodules with masks from the outside.
 """
@@ -28,7 +31,11 @@ class ModelArgs:
     hidden: int = 128
     heads: int = 4
     head_dim: int = 32
+    kv_heads: int | None = None  # key/value heads, dividing heads; None: one per query head
     ffn: int = 512
+    experts: int = 1  # FFN experts per layer; 1: a dense FFN (MoE below)
+    experts_per_token: int = 2  # top-k routing (experts > 1 only)
+    router_aux_coef: float = 0.01  # weight of the load-balancing loss added to the training loss
     max_seq_len: int = 128  # size of the position table / RoPE cache
     dropout: float = 0.0
     norm: str = "layernorm"  # layernorm | rmsnorm
@@ -50,13 +57,49 @@ class ModelArgs:
     GELUS = ("tanh", "exact")
     POSITIONS = ("learned", "rope")
 
+    def __post_init__(self):
+        # one spelling per architecture: K = A is stored as None, so MHA args compare (and
+        # checkpoint) as they did before grouped-query attention existed
+        if self.kv_heads == self.heads:
+            object.__setattr__(self, "kv_heads", None)
+        problem = kv_heads_problem(self.heads, self.n_kv_heads)
+        assert problem is None, problem
+
+    @property
+    def moe(self) -> bool:
+        return self.experts > 1
+
+    @property
+    def active_experts(self) -> int:
+        """Experts each token runs on: top-k, at most all (a schedule's smaller stages may have fewer than k)."""
+        return min(self.experts_per_token, self.experts)
+
     @property
     def causal(self) -> bool:
         return self.family == "gpt"
 
     @property
+    def n_kv_heads(self) -> int:
+        return self.heads if self.kv_heads is None else self.kv_heads
+
+    @property
     def attn_width(self) -> int:
         return self.heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+
+def kv_heads_problem(heads: int, kv_heads: int) -> str | None:
+    """Why `kv_heads` key/value heads cannot serve `heads` query heads (None: they can). The
+    config and the schedule validators ask here, naming their keys."""
+    if kv_heads < 1 or heads % kv_heads:
+        fits = [k for k in range(1, heads + 1) if heads % k == 0]
+        return (f"{kv_heads} key/value heads cannot serve {heads} query heads: grouped-query attention gives every "
+                f"key/value head the same number of query heads, so kv_heads must divide heads (here one of "
+                f"{', '.join(map(str, fits))})")
+    return None
 
 
 def count_params(args: "ModelArgs") -> int:
@@ -101,34 +144,40 @@ def gelu_approximation(args: ModelArgs) -> str:
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.heads, self.head_dim, self.causal = args.heads, args.head_dim, args.causal
+        self.heads, self.kv_heads, self.head_dim, self.causal = args.heads, args.n_kv_heads, args.head_dim, args.causal
         self.dropout = args.dropout
-        # q, k and v of all heads in one matmul; rows are [q heads | k heads | v heads]
-        self.qkv = nn.Linear(args.hidden, 3 * args.attn_width, bias=args.bias)
+        # q, k and v of all heads in one matmul; rows are [q heads (A) | k heads (K) | v heads (K)]
+        self.qkv = nn.Linear(args.hidden, args.attn_width + 2 * args.kv_width, bias=args.bias)
         self.proj = nn.Linear(args.attn_width, args.hidden, bias=args.bias)
         self.resid_drop = nn.Dropout(args.dropout)
+
+    def heads_of(self, y: torch.Tensor, n: int) -> torch.Tensor:
+        return y.unflatten(-1, (n, self.head_dim)).transpose(1, 2)  # (B, T, n*d_h) -> (B, n, T, d_h)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 context: torch.Tensor | None = None) -> torch.Tensor:
         """`context`: the tokens keys and values come from, when they are not `x` itself."""
         B, T, _ = x.shape
+        W, Wkv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         if context is None:
-            q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = self.qkv(x).split([W, Wkv, Wkv], dim=-1)
         else:
             # the q rows on the queries, the k and v rows on the context: no wasted projections.
             # Slicing the weight bypasses any mask on qkv's output: MSG's reference placement
             # masks new heads there, so growth/operator.py refuses it with length pooling.
-            W, bias = self.heads * self.head_dim, self.qkv.bias
+            bias = self.qkv.bias
             q = F.linear(x, self.qkv.weight[:W], None if bias is None else bias[:W])
-            q = q.view(B, T, self.heads, self.head_dim).transpose(1, 2)
-            kv = F.linear(context, self.qkv.weight[W:], None if bias is None else bias[W:])
-            k, v = kv.view(B, context.size(1), 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            k, v = F.linear(context, self.qkv.weight[W:], None if bias is None else bias[W:]).chunk(2, dim=-1)
+        q, k, v = self.heads_of(q, self.heads), self.heads_of(k, self.kv_heads), self.heads_of(v, self.kv_heads)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # enable_gqa: query head h attends with key/value head h // (A/K), as repeat_interleave of
+        # k and v would give (and transformers' repeat_kv), without materialising the copies
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.kv_heads != self.heads,
         )
-        y = y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
+        y = y.transpose(1, 2).reshape(B, T, W)
         return self.resid_drop(self.proj(y))
 
 
@@ -156,6 +205,45 @@ def scaled(y: torch.Tensor, scale: float | None) -> torch.Tensor:
     return y if scale is None else y * scale
 
 
+class MoE(nn.Module):
+    """Mixture of experts (Mixtral's routing): the router's softmax over E experts, each token's
+    top k experts, their probabilities renormalised to sum to 1, and the token's output the so
+    weighted sum of those experts' outputs. Dropless: no capacity limit, every token runs on all
+    k of its experts whatever the load (nothing is dropped or re-routed), so the function does
+    not depend on the batch. Every expert is a dense FFN of width F.
+
+    Load balancing (Switch Transformer's loss, as transformers' Mixtral computes it per layer):
+    aux = E * sum_e f_e * P_e, with f_e the fraction of tokens that picked expert e among their k
+    and P_e the mean router probability of e; 1 * k when the load is uniform. It is kept in
+    `aux_loss` after each forward; the model adds router_aux_coef x its mean over layers to the
+    training loss (model.forward)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.k = args.active_experts
+        self.router = nn.Linear(args.hidden, args.experts, bias=False)
+        self.experts = nn.ModuleList(MLP(args) for _ in range(args.experts))
+        self.aux_loss: torch.Tensor | None = None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, H) -> router probabilities (N, E) in fp32, chosen experts (N, k), their weights (N, k)."""
+        probs = self.router(x).float().softmax(dim=-1)
+        weights, chosen = probs.topk(self.k, dim=-1)
+        return probs, chosen, weights / weights.sum(dim=-1, keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs, chosen, weights = self.route(x)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):  # each expert runs on the tokens that chose it, only
+            token, slot = torch.nonzero(chosen == e, as_tuple=True)
+            out.index_add_(0, token, expert(x[token]) * weights[token, slot, None].to(x.dtype))
+        picked = F.one_hot(chosen, len(self.experts)).sum(dim=1).float()  # (N, E): 1 where e is among the k
+        self.aux_loss = len(self.experts) * (picked.mean(dim=0) * probs.mean(dim=0)).sum()
+        return out.view(shape)
+
+
 class Block(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -163,7 +251,11 @@ class Block(nn.Module):
         self.attn_norm = make_norm(args, args.hidden)
         self.attn = Attention(args)
         self.mlp_norm = make_norm(args, args.hidden)
-        self.mlp = MLP(args)
+        self.mlp = MoE(args) if args.moe else MLP(args)
+
+    def ffns(self) -> list[MLP]:
+        """The dense FFNs of this block: the MLP, or each expert of a mixture."""
+        return list(self.mlp.experts) if isinstance(self.mlp, MoE) else [self.mlp]
 
     def forward(self, x: torch.Tensor, rope=None, scale: float | None = None,
                 context: torch.Tensor | None = None) -> torch.Tensor:
@@ -297,13 +389,19 @@ class Transformer(nn.Module):
             context = torch.cat([x, predicted], dim=1)
             x = torch.cat([x.unflatten(1, (T // pool, pool)).mean(2), predicted], dim=1)
         rope = (self.rope_cos, self.rope_sin) if self.args.pos == "rope" else None
-        for i in range(len(self.blocks)) if layers is None else layers:
+        ran = range(len(self.blocks)) if layers is None else layers
+        for i in ran:
             scale = layer_scale.get(i) if layer_scale else None
             extra = {"context": context} if context is not None else {}
             # the plain call keeps its two-argument form: masked blocks (MSG) take no scale
             x = self.blocks[i](x, rope, **extra) if scale is None else self.blocks[i](x, rope, scale, **extra)
             context = None  # only the first block reads the full-length input
-        return self.head(x, targets, positions, pool, with_logits)
+        out = self.head(x, targets, positions, pool, with_logits)
+        if self.args.moe and targets is not None and self.training and self.args.router_aux_coef:
+            # the load-balancing loss joins the training loss only: evaluation reports cross-entropy
+            aux = torch.stack([self.blocks[i].mlp.aux_loss for i in ran]).mean()
+            out = (out[0], out[1] + self.args.router_aux_coef * aux)
+        return out
 
     def head(self, x: torch.Tensor, targets: torch.Tensor | None = None, positions: torch.Tensor | None = None,
              pool: int = 1, with_logits: bool = True):

@@ -111,7 +111,8 @@ def format_status(r: dict) -> str:
         parts.append(f"MFU {100 * r['mfu']:.1f}%")
     if r.get("alpha") is not None:
         parts.append(f"alpha {r['alpha']:.2f}")
-    parts.append(f"{r['layers']}L/{r['hidden']}H/{r['heads']}A/{r['ffn']}F/T{r['seq_len']}")
+    kv, experts = (f"/{r['kv_heads']}kv" if "kv_heads" in r else ""), (f"x{r['experts']}E" if "experts" in r else "")
+    parts.append(f"{r['layers']}L/{r['hidden']}H/{r['heads']}A{kv}/{r['ffn']}F{experts}/T{r['seq_len']}")
     return " | ".join(parts)
 
 

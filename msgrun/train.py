@@ -605,8 +605,11 @@ def growth_table(r: dict):
     t.add_column("")
     t.add_column("before", justify="right")
     t.add_column("after", justify="right")
-    for d in ("layers", "hidden", "heads", "ffn", "seq_len"):
-        t.add_row(d, str(r["before"][d]), str(r["after"][d]))
+    for d in ("layers", "hidden", "heads", "kv_heads", "ffn", "experts", "seq_len"):
+        if d in r["before"] or d in r["after"]:  # kv_heads, experts: only where a shape has them (Shape.as_dict)
+            default = {"kv_heads": "heads", "experts": None}.get(d)
+            before, after = (x.get(d, x[default] if default else 1) for x in (r["before"], r["after"]))
+            t.add_row(d, str(before), str(after))
     t.add_row("params", f"{r['params_before']:,}", f"{r['params_after']:,}")
     t.add_row("train FLOPs/token", f"{r['flops_per_token_before']:,.0f}", f"{r['flops_per_token_after']:,.0f}")
     t.add_row("probe loss", f"{r['probe_loss_before']:.6f}", f"{r['probe_loss_after']:.6f}")

@@ -421,7 +421,8 @@ def test_length_pooling_is_refused_outside_bert_with_learned_positions(family, p
 def test_variant_aki_switches_copied_heads_and_ffn_to_aki():
     op = GrowthOperator(OperatorConfig(name="bert2bert", layers="stack", hidden="fpi", heads="fpi", ffn="fpi",
                                        variant="aki"), "bert")
-    assert op.methods == {"layers": "stack", "hidden": "fpi", "heads": "aki", "ffn": "aki", "seq_len": None}
+    assert op.methods == {"layers": "stack", "hidden": "fpi", "heads": "aki", "ffn": "aki", "seq_len": None,
+                          "experts": None}
 
 
 # ---------------------------------------------------------------------------- through the training loop

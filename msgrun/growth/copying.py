@@ -21,7 +21,7 @@ import torch
 
 from msgrun.errors import ConfigError
 from msgrun.growth.methods import Method
-from msgrun.growth.surgery import Origin, UnitMap, parameter_axes, transplant, unit_size
+from msgrun.growth.surgery import Origin, UnitMap, chunk_ranges, parameter_axes, transplant, unit_size
 from msgrun.model import Transformer
 
 
@@ -83,7 +83,7 @@ def take_from_next_layer(model: Transformer, old_model: Transformer, dim: str, o
     The donor goes through the same maps as the parameter it replaces, so other dimensions grown
     in the same event stay consistent."""
     old_params = dict(old_model.named_parameters())
-    old_L, old_units, new_units = old_model.args.layers, getattr(old_model.args, dim), getattr(model.args, dim)
+    old_L, old_units = old_model.args.layers, getattr(old_model.args, dim)
     size = unit_size(dim, model.args)
     for name, p in model.named_parameters():
         origin = origins[name]
@@ -93,8 +93,8 @@ def take_from_next_layer(model: Transformer, old_model: Transformer, dim: str, o
         _, src_layer, leaf = origin.source.split(".", 2)
         donor = transplant(old_params[f"blocks.{min(int(src_layer) + 1, old_L - 1)}.{leaf}"], origin, p.detach(),
                            of="value")
-        for c in range(axes[0].chunks):  # the added units of each fused chunk (q, k, v / gate, up)
-            added = slice((c * new_units + old_units) * size, (c + 1) * new_units * size)
+        for _, lo, hi in chunk_ranges(axes[0], model.args):  # the added units of each fused chunk (q, k, v / gate, up)
+            added = slice(lo + old_units * size, hi)  # AKI is multi-head only (growth/gqa.py): every chunk has A units
             p[added] = donor[added]
 
 

@@ -39,6 +39,8 @@ its input weights (qkv, fc, norms) are trained copies, so it receives gradients 
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from msgrun.errors import ConfigError
@@ -125,7 +127,7 @@ def zero_output_projections(model, zeroed: list[bool]) -> None:
         if z:
             block = model.blocks[i]
             for name, p in block.named_parameters():
-                if name in OUTPUT_PROJECTIONS:
+                if re.sub(r"^mlp\.experts\.\d+\.", "mlp.", name) in OUTPUT_PROJECTIONS:  # each expert's too
                     p.zero_()
             if model.args.family == "bert":
                 for norm in (model.blocks[i - 1].mlp_norm, block.attn_norm):

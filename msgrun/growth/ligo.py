@@ -130,7 +130,7 @@ class LigoOperator(nn.Module):
     def depth_chunks(self, name: str) -> int:
         """q, k, v (and SwiGLU's gate, up) are separate modules in the reference: own depth coefficients."""
         axes = parameter_axes(name, self.old_args)
-        return axes[0].chunks if axes else 1
+        return sum(chunks for _, chunks in axes[0].segments) if axes else 1  # qkv: [q | k, v]
 
     def factors(self, name: str, axis_dim: str, chunks: int, fan_in: bool) -> list[str]:
         leaf = re.sub(r"^blocks\.(\d+)\.", "", name)

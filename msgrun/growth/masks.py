@@ -135,7 +135,7 @@ def _install(module: nn.Module, alpha: torch.Tensor, in_new=None, out_new=None, 
 def install_masks(model, alpha: torch.Tensor, new_units: dict[str, torch.Tensor], new_layers: list[bool],
                   placement: str = "reference") -> None:
     """Mask the new units of each grown dimension in `new_units` (entry-level 0/1 indicators:
-    hidden over H, heads over A*d_h channels, ffn over F) and the new layers in `new_layers`,
+    hidden over H, heads over A*d_h channels, kv_heads over K*d_h, ffn over F) and the new layers in `new_layers`,
     where `placement` (reference | ours) puts the masks."""
     dev = alpha.device
     reference = placement == "reference"
@@ -151,21 +151,24 @@ def install_masks(model, alpha: torch.Tensor, new_units: dict[str, torch.Tensor]
                     _install(emb, alpha, out_new=hidden)
             for block in model.blocks:
                 _install(block.attn.proj, alpha, out_new=hidden)
-                _install(block.mlp.proj, alpha, out_new=hidden)
-    if "heads" in new_units:
-        heads = new_units["heads"].to(dev)
+                for ffn in block.ffns():  # a mixture's output is a weighted sum of its experts'
+                    _install(ffn.proj, alpha, out_new=hidden)
+    if "heads" in new_units or "kv_heads" in new_units:
+        args = model.args
+        heads = new_units.get("heads", torch.zeros(args.attn_width)).to(dev)
+        kv = new_units.get("kv_heads", torch.zeros(args.kv_width)).to(dev)
         for block in model.blocks:
             if reference:  # rows of the fused projection: [q heads | k heads | v heads]
-                _install(block.attn.qkv, alpha, out_new=heads.repeat(3))
+                _install(block.attn.qkv, alpha, out_new=torch.cat([heads, kv, kv]))
             else:
                 _install(block.attn.proj, alpha, in_new=heads)
     if "ffn" in new_units:
         ffn = new_units["ffn"].to(dev)
-        for block in model.blocks:
+        for mlp in (m for block in model.blocks for m in block.ffns()):
             if reference:  # before the nonlinearity; swiglu's fc rows are [gate | up]
-                _install(block.mlp.fc, alpha, out_new=ffn.repeat(2 if block.mlp.swiglu else 1))
+                _install(mlp.fc, alpha, out_new=ffn.repeat(2 if mlp.swiglu else 1))
             else:
-                _install(block.mlp.proj, alpha, in_new=ffn)
+                _install(mlp.proj, alpha, in_new=ffn)
     for block, is_new in zip(model.blocks, new_layers):
         if not is_new:
             continue
@@ -173,7 +176,8 @@ def install_masks(model, alpha: torch.Tensor, new_units: dict[str, torch.Tensor]
             _install(block, alpha)
         else:
             _install(block.attn.proj, alpha, out_alpha=True)
-            _install(block.mlp.proj, alpha, out_alpha=True)
+            for mlp in block.ffns():
+                _install(mlp.proj, alpha, out_alpha=True)
 
 
 def remove_masks(model: nn.Module) -> int:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from msgrun.errors import ConfigError
+from msgrun.growth import gqa
 from msgrun.growth.copying import break_symmetry, with_variant
 from msgrun.growth.methods import Method, first_occurrences
 from msgrun.growth.registry import METHODS, REGISTRY, resolved
@@ -146,16 +147,20 @@ class GrowthOperator:
 
     def check(self, start: Shape, stages: list[Stage], final: Shape) -> None:
         """Every stage grows only dimensions this operator can grow, in sizes its methods accept."""
+        gqa.check_learned_operator(self.methods, final)
         shape = start
         for stage in stages:
+            if {"heads", "kv_heads"} & set(stage.dims) and self.methods["heads"] is not None:
+                gqa.check_heads(self.methods["heads"], self.cfg, shape, stage.target, stage.describe())
             for d in stage.dims:
-                method = self.method(d)
+                key = "heads" if d == "kv_heads" else d  # a key/value head is a head: operator.heads grows both
+                method = self.method(key)
                 old, new = getattr(shape, d), getattr(stage.target, d)
                 if method is None:
                     raise ConfigError(
                         f"{stage.describe()} grows {d} ({old} -> {new}), but operator '{self.name}' cannot grow "
                         f"{d}: it grows {', '.join(self.supported) or 'nothing'}. Pick a schedule that grows only "
-                        f"those, another operator, or set operator.{d} to one of {', '.join(METHODS[d])}.")
+                        f"those, another operator, or set operator.{key} to one of {', '.join(METHODS[key])}.")
                 if method.check is not None:
                     method.check(d, old, new, self.family, stage.describe(), self.cfg)
             if "seq_len" in stage.dims and final.seq_len % stage.target.seq_len:
@@ -175,7 +180,8 @@ class GrowthOperator:
         """The model that trains at `shape`. Under random paths (RaPTr) the model is always full
         depth: its `layers` are the expected path length."""
         layers = final.layers if self.paths else shape.layers
-        return replace(final, layers=layers, hidden=shape.hidden, heads=shape.heads, ffn=shape.ffn)
+        return replace(final, layers=layers, hidden=shape.hidden, heads=shape.heads, ffn=shape.ffn,
+                       kv_heads=shape.kv_heads, experts=shape.experts)
 
     # ------------------------------------------------------------------ building the grown model
     def layer_plan(self, old_layers: int, new_layers: int) -> tuple[list[int | None], list[bool], list[bool],
@@ -192,11 +198,13 @@ class GrowthOperator:
 
     def mask_plan(self, old_args: ModelArgs, new_args: ModelArgs) -> tuple[dict[str, torch.Tensor], list[bool]]:
         """MSG's new-unit indicators (entry level: a head is head_dim channels) and new layers."""
-        new_units = {}
-        for d in ("hidden", "heads", "ffn"):
-            old, new = getattr(old_args, d), getattr(new_args, d)
-            if old != new and self.method(d).masks:
-                new_units[d] = UnitMap.append_new(old, new).new_units.repeat_interleave(unit_size(d, new_args)).float()
+        grown = {d: getattr(new_args, d) for d in ("hidden", "heads", "ffn")
+                 if self.method(d) is not None and self.method(d).masks}
+        if "heads" in grown:
+            grown["kv_heads"] = new_args.kv_heads  # key/value heads grow with the heads (growth/gqa.py)
+        maps = unit_maps_for(old_args, replace(old_args, **grown), lambda d, o, n: UnitMap.append_new(o, n),
+                             copy_queries=False)
+        new_units = {d: um.new_units.repeat_interleave(unit_size(d, new_args)).float() for d, um in maps.items()}
         return new_units, self.layer_plan(old_args.layers, new_args.layers)[1]
 
     def grow(self, model: Transformer, target: Shape, final: ModelArgs, gen: torch.Generator) -> Grown:
@@ -209,13 +217,19 @@ class GrowthOperator:
             grown_model, flops = self.builder.build(model, new_args, gen, self.cfg, self.fit_data)
             return Grown(grown_model, {name: Origin(None) for name, _ in grown_model.named_parameters()},
                          operator_flops=flops)
+        heads = self.method("heads")
+        # under grouped-query attention, a group's extra query heads copy its heads, except where the
+        # method brings in new units (MSG's masks): then they are new
         unit_maps = unit_maps_for(old_args, new_args,
-                                  lambda d, o, n: self.method(d).unit_map(d, o, n, self.cfg, gen))
+                                  lambda d, o, n: self.method(d).unit_map(d, o, n, self.cfg, gen),
+                                  copy_queries=heads is None or not heads.masks)
         layer_sources, _, copied, zeroed = self.layer_plan(old_args.layers, new_args.layers)
         grown_model, origins = grow_parameters(model, new_args, unit_maps, layer_sources, gen)
         # hidden last: finishing the residual width may rewrite what other dimensions' steps left (LEMON
         # averages the residual writers' rows after every consumer split)
         for d in sorted(unit_maps, key=lambda d: d == "hidden"):
+            if d == "kv_heads":
+                continue  # grown with heads: their fused q, k, v rows are one axis (growth/surgery.py)
             method = self.method(d)
             if method.finish is not None:
                 method.finish(grown_model, model, d, unit_maps, origins, self.cfg, gen)

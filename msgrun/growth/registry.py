@@ -8,15 +8,15 @@ Adding a method: write its module (a `Method` with its hooks, growth/methods.py)
 
 from __future__ import annotations
 
-from msgrun.growth import copying, expansion, gzero, lemon, ligo
+from msgrun.growth import copying, expansion, gzero, lemon, ligo, moe
 from msgrun.growth.methods import CORE, Method
 
 REGISTERED: tuple[Method, ...] = (*CORE, *copying.METHODS, *expansion.METHODS, lemon.METHOD, ligo.METHOD,
-                                  gzero.METHOD)
+                                  gzero.METHOD, moe.METHOD)
 REGISTRY: dict[str, Method] = {m.name: m for m in REGISTERED}
 assert len(REGISTRY) == len(REGISTERED), "two growth methods share a name"
 
-DIMS = ("layers", "hidden", "heads", "ffn", "seq_len")
+DIMS = ("layers", "hidden", "heads", "ffn", "seq_len", "experts")  # operator.<dim> (kv_heads grow with heads)
 # dimension -> the names operator.<dim> accepts, in registration order
 METHODS: dict[str, tuple[str, ...]] = {d: tuple(m.name for m in REGISTERED if d in m.dims) for d in DIMS}
 

@@ -17,8 +17,9 @@ from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 from msgrun.errors import ConfigError
+from msgrun.model import kv_heads_problem
 
-DIMS = ("layers", "hidden", "heads", "ffn", "seq_len")
+DIMS = ("layers", "hidden", "heads", "ffn", "seq_len", "kv_heads", "experts")
 TRIGGERS = ("at_step", "at_tokens", "at_flops", "at_fraction")
 
 
@@ -29,15 +30,29 @@ class Shape:
     heads: int
     ffn: int
     seq_len: int
+    kv_heads: int | None = None  # None (a checkpoint from before grouped-query attention): = heads
+    experts: int = 1  # FFN experts; 1: dense
+
+    def __post_init__(self):
+        if self.kv_heads is None:
+            object.__setattr__(self, "kv_heads", self.heads)
 
     def replace(self, **changes) -> "Shape":
         return replace(self, **changes)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """kv_heads only where it is not heads: a multi-head model's records read as they always did."""
+        d = asdict(self)
+        if self.kv_heads == self.heads:
+            del d["kv_heads"]
+        if self.experts == 1:  # likewise experts for a dense model
+            del d["experts"]
+        return d
 
     def __str__(self) -> str:
-        return f"{self.layers}L x {self.hidden}H x {self.heads}A x {self.ffn}F x T{self.seq_len}"
+        kv = f" ({self.kv_heads} kv)" if self.kv_heads != self.heads else ""
+        experts = f" x {self.experts}E" if self.experts > 1 else ""
+        return f"{self.layers}L x {self.hidden}H x {self.heads}A{kv} x {self.ffn}F{experts} x T{self.seq_len}"
 
 
 @dataclass(frozen=True)
@@ -53,7 +68,8 @@ class Stage:
 
 
 def final_shape(model_cfg) -> Shape:
-    return Shape(*(int(getattr(model_cfg, d)) for d in DIMS))
+    return Shape(*(int(getattr(model_cfg, d)) for d in DIMS[:5]), kv_heads=model_cfg.kv_heads,
+                 experts=int(model_cfg.experts))
 
 
 def resolve_size(value, final: int, where: str) -> int:
@@ -76,6 +92,19 @@ def _resolve_spec(spec, base: Shape, final: Shape, where: str) -> Shape:
     for d in DIMS:
         v = getattr(spec, d, None) if spec is not None else None
         sizes[d] = getattr(base, d) if v is None else resolve_size(v, getattr(final, d), f"{where}.{d}")
+    if getattr(spec, "kv_heads", None) is None:
+        # unset: each key/value head keeps serving as many query heads as in `base` (multi-head
+        # attention stays multi-head; a GQA model grows heads and kv_heads together)
+        group = base.heads // base.kv_heads
+        if sizes["heads"] % group:
+            raise ConfigError(
+                f"{where}.heads = {sizes['heads']} query heads cannot keep groups of {group} query heads per key/value "
+                f"head ({base.heads} heads, {base.kv_heads} kv_heads before it). Set {where}.kv_heads explicitly "
+                f"(a divisor of {sizes['heads']}), or choose heads as a multiple of {group}.")
+        sizes["kv_heads"] = sizes["heads"] // group
+    problem = kv_heads_problem(sizes["heads"], sizes["kv_heads"])
+    if problem:
+        raise ConfigError(f"{where}.kv_heads = {sizes['kv_heads']} with {where}.heads = {sizes['heads']}: {problem}.")
     return Shape(**sizes)
 
 
@@ -139,7 +168,9 @@ def resolve_schedule(schedule_cfg, model_cfg) -> tuple[Shape, list[Stage]]:
             if getattr(target, d) > getattr(final, d):
                 raise ConfigError(f"{where}.grow.{d} = {getattr(target, d)} exceeds the final model's "
                                   f"model.{d} = {getattr(final, d)}.")
-        dims = tuple(d for d in DIMS if getattr(target, d) != getattr(current, d))
+        dims = tuple(d for d in DIMS if getattr(target, d) != getattr(current, d)
+                     # multi-head attention stays multi-head: its key/value heads are its heads
+                     and not (d == "kv_heads" and current.kv_heads == current.heads and target.kv_heads == target.heads))
         if not dims:
             raise ConfigError(f"{where} grows nothing: every target equals the shape before it ({current}).")
         stages.append(Stage(i, trigger, value, target, dims))
