@@ -93,3 +93,36 @@ def test_frontier_files_are_written(tmp_path):
     assert [p.name for p in written] == ["frontier.csv", "frontier.png"]
     text = (tmp_path / "out" / "frontier.csv").read_text()
     assert "residual" in text and "multiplier_total" in text
+
+
+def budget_sweep(tmp_path, speeds: dict[float, float], rng_seed: int = 0, seeds=range(4)):
+    """The frontier as above, and one arm trained at each budget in `speeds` with its final loss
+    the frontier's at speed x its FLOPs."""
+    rng = np.random.default_rng(rng_seed)
+    for seed in seeds:
+        offset = rng.normal(0, 0.03)
+        for budget in BUDGETS:
+            points = [(c, float(law(c) + offset + rng.normal(0, 0.004))) for c in (budget / 4, budget / 2, budget)]
+            base_run(tmp_path / f"b{budget:.0e}-s{seed}", points, seed=seed, overrides=[f"train.max_flops={budget}"])
+        for budget, speed in speeds.items():
+            fl = [budget * x for x in (0.25, 0.5, 0.75, 1.0)]
+            points = [(c, float(law(speed * c) + offset + rng.normal(0, 0.004))) for c in fl]
+            write_run(tmp_path / f"arm{budget:.0e}-s{seed}", points, seed=seed, growth=[0.25 * budget],
+                      overrides=[f"train.max_flops={budget}"])
+    return analyse(load_runs([tmp_path])).frontier
+
+
+def test_a_speed_up_that_shrinks_with_budget_is_seen_paired_by_seed(tmp_path):
+    """G_stack's claim 4: the same arm at F/2 (a true 2x) and at F (a true 1.5x): the larger budget's
+    multiplier over the smaller's, paired by seed, is about 0.75 and its interval excludes 1."""
+    result = budget_sweep(tmp_path, {ARM_FLOPS / 2: 2.0, ARM_FLOPS: 1.5})
+    (small, large, iv), = result.budget_trends
+    assert "2e+12" in small and "4e+12" in large, (small, large)
+    assert iv.n == 4 and iv.lo < 0.75 < iv.hi and iv.hi < 1.0, iv
+    notes = frontier.summary_lines(result)
+    assert any(line.startswith("change with budget") and "shrinks" in line for line in notes)
+
+
+def test_an_unchanged_speed_up_covers_one_across_budgets(tmp_path):
+    (_, _, iv), = budget_sweep(tmp_path / "same", {ARM_FLOPS / 2: 1.5, ARM_FLOPS: 1.5}).budget_trends
+    assert iv.lo < 1.0 < iv.hi, iv

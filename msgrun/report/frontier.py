@@ -26,6 +26,9 @@ Definitions (also the report's footnotes, via `definitions`):
   100% of their FLOPs are targets, which every run reaches; per run, C_f(target) / the run's FLOPs to reach it (crossing: stays at or below).
   The frontier holds annealed end points while an arm's earlier points are mid-schedule, so the
   earlier targets understate what an arm annealed there would give.
+* Change with budget: where the same arm ran at two budgets (groups equal in all but the budget),
+  per seed the larger budget's total multiplier divided by the smaller one's; geometric mean and
+  95% t interval over seeds. Below 1 the speed-up shrinks as training grows longer.
 """
 
 from __future__ import annotations
@@ -131,6 +134,8 @@ class FrontierResult:
     frontier: Frontier
     points: list[str]  # run names of the frontier points
     arms: list[ArmResult]
+    # (arm at the smaller budget, at the larger, larger budget's multiplier / smaller's, paired by seed)
+    budget_trends: list[tuple[str, str, Interval | None]] = field(default_factory=list)
 
 
 def sunk_flops(run) -> float | None:
@@ -191,7 +196,7 @@ def analyse_frontier(comp) -> FrontierResult | None:
         comp.notes.append(f"no effective-compute multiplier: {e} (train from-scratch baselines at several budgets, "
                           "e.g. protocol=matched, or train.max_flops=C1,C2,C3 with schedule=none)")
         return None
-    results = []
+    results, per_run = [], {}
     for g in arms:
         diff = matching.group_differences(g.runs, usable[0].runs)
         if diff:
@@ -199,6 +204,7 @@ def analyse_frontier(comp) -> FrontierResult | None:
                               f"in {', '.join(diff)}")
             continue
         total, sunk, paired = multipliers(g.runs, frontier, metric)
+        per_run[g.label] = (g, {r.seed: m for r, m in zip(g.runs, total)})
         notes = []
         if None in total:
             notes.append("a run ends at or below the frontier's asymptote E (or has no final value): no multiplier")
@@ -208,10 +214,26 @@ def analyse_frontier(comp) -> FrontierResult | None:
             None if None in sunk or not sunk else ratio_interval(sunk),
             at_targets(g.runs, frontier, metric), paired,
             [(r.final_flops, float(r.curve(metric)[2][-1])) for r in g.runs if len(r.curve(metric)[0])], notes))
-    result = FrontierResult(metric, frontier, [r.name for r in runs], results)
+    result = FrontierResult(metric, frontier, [r.name for r in runs], results, budget_trends(per_run))
     comp.notes.extend(summary_lines(result))
     comp.definitions.append(DEFINITION)
     return result
+
+
+def budget_trends(per_run: dict) -> list[tuple[str, str, Interval | None]]:
+    """The same arm at two budgets: per seed, the larger budget's multiplier / the smaller's."""
+    by_budget = sorted(((g.budget, label, seeds) for label, (g, seeds) in per_run.items() if g.budget),
+                       key=lambda item: item[0])
+    trends = []
+    for i, (small_budget, small, small_seeds) in enumerate(by_budget):
+        for large_budget, large, large_seeds in by_budget[i + 1:]:
+            if large_budget <= small_budget or matching.group_differences(per_run[small][0].runs,
+                                                                         per_run[large][0].runs):
+                continue
+            ratios = [large_seeds[s] / small_seeds[s] for s in small_seeds
+                      if s in large_seeds and small_seeds[s] and large_seeds[s]]
+            trends.append((small, large, ratio_interval(ratios) if ratios else None))
+    return trends
 
 
 DEFINITION = (
@@ -244,6 +266,9 @@ def summary_lines(result: FrontierResult) -> list[str]:
                      f"{fmt(arm.multiplier_sunk)} (sunk)" + ("" if arm.paired else ", unpaired (no frontier run of "
                                                                                  "some seed)")
                      + f"; at targets {targets}" + "".join(f"; {n}" for n in arm.notes))
+    for small, large, iv in result.budget_trends:
+        lines.append(f"change with budget: multiplier of {large!r} / of {small!r}, paired by seed: {fmt(iv)}"
+                     " (below 1: the speed-up shrinks as training grows longer)")
     return lines
 
 
@@ -266,6 +291,11 @@ def write(result: FrontierResult | None, out_dir: Path) -> list[Path]:
             for iv in (arm.multiplier, arm.multiplier_sunk):
                 cells += [f"{iv.estimate:.4g}", iv.lo, iv.hi] if iv is not None else ["", "", ""]
             w.writerow([arm.label, arm.n, *cells, arm.paired])
+        if result.budget_trends:
+            w.writerow([])
+            w.writerow(["smaller budget", "larger budget", "multiplier_ratio", "lo", "hi", "n"])
+            for small, large, iv in result.budget_trends:
+                w.writerow([small, large, *([f"{iv.estimate:.4g}", iv.lo, iv.hi, iv.n] if iv else ["", "", "", ""])])
     return [path, plot(result, out_dir / "frontier.png")]
 
 
