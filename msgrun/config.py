@@ -261,6 +261,9 @@ class ProtocolConfig:
     """What a job trains besides its run (msgrun/protocol.py)."""
 
     name: str = "none"  # none | matched (each growth arm also trains its compute-matched baseline)
+    # matched: more from-scratch budgets, as multiples of the arm's planned FLOPs (e.g. [0.25, 0.5]), the
+    # points of the frontier the report reads the arm against (msgrun/protocol.py)
+    frontier: List[float] = field(default_factory=list)
 
 
 @dataclass
@@ -475,6 +478,9 @@ def check_config(cfg) -> None:
                           "e.g. optim.betas=[0.9,0.95].")
     if cfg.objective.metric == "flops_to_target" and cfg.objective.target is None:
         raise ConfigError("objective.metric=flops_to_target needs objective.target (the validation loss to reach).")
+    from msgrun.protocol import check as check_protocol
+
+    check_protocol(cfg)
     if cfg.logger.wandb.mode == "online" and not wandb_logged_in():
         raise ConfigError(
             "logger.wandb.mode=online needs a W&B API key, and none is set (no WANDB_API_KEY, no key in ~/.netrc). "

@@ -9,6 +9,13 @@ and everything else the arm's own (model, data, batch, steps, warmup, optimizer,
 the arm's `matched_baseline/` directory. The report finds it there and pairs it with the arm as
 its matched baseline (msgrun/report/matching.py says what "matched" requires).
 
+With `protocol.frontier=[0.25,0.5]` each arm also trains from-scratch runs at those multiples of
+its planned FLOPs (in `matched_baseline_x0.25/`, ...): with the matched baseline they are the
+points of the from-scratch frontier the report reads the arm's effective-compute multiplier
+against, so one command answers "how much compute did growth save" (docs/protocol.md):
+
+    msgrun -m experiment=msg protocol=matched 'protocol.frontier=[0.25,0.5]' train.seed=0,1,2
+
 From-scratch jobs (`schedule=none`) train no second run: they are the full-budget baseline.
 Two arms with the same planned FLOPs each train their own copy of the baseline (a multirun's
 jobs do not see each other; the report counts a repeated seed once).
@@ -26,19 +33,41 @@ from msgrun.report.matching import BASELINE_DIR, BUDGET_KEYS, SEED_KEYS, baselin
 PROTOCOLS = ("none", "matched")  # protocol.name (config.CHOICES reads these)
 
 
+def check(cfg) -> None:
+    """protocol.frontier: positive multiples other than 1 (the matched baseline itself), under protocol=matched."""
+    from msgrun.errors import ConfigError
+
+    multiples = list(cfg.protocol.frontier)
+    if multiples and cfg.protocol.name != "matched":
+        raise ConfigError(f"protocol.frontier = {multiples} is read by protocol=matched only (here protocol="
+                          f"{cfg.protocol.name}): add protocol=matched, or drop protocol.frontier.")
+    bad = [m for m in multiples if not (isinstance(m, (int, float)) and m > 0 and m != 1)]
+    if bad or len(set(multiples)) != len(multiples):
+        raise ConfigError(f"protocol.frontier = {multiples}: each entry is a distinct positive multiple of the arm's "
+                          "planned FLOPs other than 1 (1 is the matched baseline, always trained), e.g. "
+                          "protocol.frontier=[0.25,0.5].")
+
+
 def wants_baseline(cfg) -> bool:
     return cfg.protocol.name == "matched" and bool(cfg.schedule.stages)
 
 
-def baseline_job(cfg, run_dir: Path, choices: dict, overrides: list[str], flops: float):
-    """(config, run directory, choices, overrides) of the arm's matched baseline: the arm's
-    config with the growth choices set to none and `train.max_flops` = the arm's FLOPs."""
+def budgets(cfg, planned: float) -> list[tuple[str, float]]:
+    """(directory name, FLOPs) of every from-scratch run the arm trains after itself: its matched
+    baseline, then the frontier's multiples."""
+    return [(BASELINE_DIR, planned)] + [(f"{BASELINE_DIR}_x{m:g}", m * planned) for m in cfg.protocol.frontier]
+
+
+def baseline_job(cfg, run_dir: Path, choices: dict, overrides: list[str], flops: float, name: str = BASELINE_DIR):
+    """(config, run directory, choices, overrides) of a from-scratch run of the arm: the arm's
+    config with the growth choices set to none and `train.max_flops` = `flops`."""
     base = cfg.copy()
     OmegaConf.set_struct(base, False)
     base.schedule = OmegaConf.structured(ScheduleConfig(name="none"))
     base.operator = OmegaConf.structured(OperatorConfig(name="none"))
     base.train.max_flops = float(flops)
     base.protocol.name = "none"  # the baseline trains no baseline of its own
+    base.protocol.frontier = []
     OmegaConf.set_struct(base, True)
     base_choices = {**choices, "schedule": "none", "operator": "none"}  # protocol kept: it is how the run came
     if base_choices.get("experiment"):
@@ -47,7 +76,7 @@ def baseline_job(cfg, run_dir: Path, choices: dict, overrides: list[str], flops:
     same = tuple(k for k in (*BUDGET_KEYS, *SEED_KEYS) if k != "train.max_flops")
     base_overrides = [*baseline_overrides(overrides, keep=same), "schedule=none", "operator=none",
                       f"train.max_flops={float(flops)!r}"]
-    return base, Path(run_dir) / BASELINE_DIR, base_choices, base_overrides
+    return base, Path(run_dir) / name, base_choices, base_overrides
 
 
 def write_record(run_dir: Path, cfg, choices: dict, overrides: list[str]) -> None:
@@ -64,17 +93,19 @@ def write_record(run_dir: Path, cfg, choices: dict, overrides: list[str]) -> Non
     OmegaConf.save(OmegaConf.create(overrides), record / "overrides.yaml")
 
 
-def train_matched_baseline(arm_cfg, arm_dir: Path, choices: dict, overrides: list[str], flops: float) -> None:
-    """Train the arm's matched baseline after the arm, with `flops` (the arm's planned training
-    FLOPs, Trainer.planned_flops) as its budget. A finished baseline is not trained again."""
+def train_matched_baseline(arm_cfg, arm_dir: Path, choices: dict, overrides: list[str], planned: float) -> None:
+    """Train the arm's matched baseline after the arm, with `planned` (the arm's planned training
+    FLOPs, Trainer.planned_flops) as its budget, then its frontier runs (protocol.frontier). A
+    finished run is not trained again."""
     import sys
 
     from msgrun.rundir import check_run_dir, config_json
     from msgrun.train import Trainer
 
-    cfg, run_dir, base_choices, base_overrides = baseline_job(arm_cfg, arm_dir, choices, overrides, flops)
-    if check_run_dir(run_dir, config_json(cfg)) == "finished":
-        print(f"msgrun: {run_dir} holds this arm's finished matched baseline; not trained again", file=sys.stderr)
-        return
-    write_record(run_dir, cfg, base_choices, base_overrides)
-    Trainer(cfg, run_dir, base_choices, base_overrides).run()
+    for name, flops in budgets(arm_cfg, planned):
+        cfg, run_dir, base_choices, base_overrides = baseline_job(arm_cfg, arm_dir, choices, overrides, flops, name)
+        if check_run_dir(run_dir, config_json(cfg)) == "finished":
+            print(f"msgrun: {run_dir} holds this arm's finished from-scratch run; not trained again", file=sys.stderr)
+            continue
+        write_record(run_dir, cfg, base_choices, base_overrides)
+        Trainer(cfg, run_dir, base_choices, base_overrides).run()

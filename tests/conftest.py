@@ -141,6 +141,7 @@ SLOW = {
         "test_preflight_leaves_the_run_unchanged",
     ),
     "tests/test_protocol.py": (
+        "test_one_multirun_gives_arms_their_matched_baselines_and_a_frontier",
         "test_protocol_matched_trains_arms_and_their_baselines_in_one_multirun",
         "test_the_printed_command_run_as_printed_gives_matched_baselines",
     ),

@@ -23,7 +23,7 @@ assert GROUP_FILES, f"no config files found under {CONF}"
 def test_every_config_file_composes(group, option):
     cfg = compose_cfg([f"{group}={option}"])
     check_config(cfg)
-    if group in ("experiment", "sweep"):  # complete runs: their schedule and operator must fit together
+    if group in ("experiment", "sweep", "scale"):  # global packages; complete runs: schedule and operator must fit
         GrowthEngine(cfg, final_model_args(cfg.model, cfg.data.vocab_size))
     else:
         assert cfg[group] is not None
@@ -83,7 +83,8 @@ def test_every_range_is_enforced(key, value):
 
 # seeds take any integer; optim.betas has its own check (two values, each in [0, 1)); schedule
 # stages and sizes are typed Any and checked by msgrun.growth.schedule
-RANGE_EXEMPT = {"train.seed", "data.split_seed", "objective.seeds", "optim.betas"}
+# lists checked by their own rule (optim.betas: check_config; protocol.frontier: protocol.check) and seeds
+RANGE_EXEMPT = {"train.seed", "data.split_seed", "objective.seeds", "optim.betas", "protocol.frontier"}
 
 
 def test_every_numeric_key_has_a_range():

@@ -201,3 +201,42 @@ def test_planned_flops_follow_the_engines_simulation(make_cfg):
 def test_an_unknown_protocol_is_refused(make_cfg):
     with pytest.raises(ConfigError, match="protocol.name = 'matchd' is not a valid choice; choose one of none, matched"):
         check_config(make_cfg("protocol.name=matchd"))
+
+
+@pytest.mark.parametrize("frontier, why", [("[0.5,1]", "other than 1"), ("[0,0.5]", "positive"),
+                                           ("[0.5,0.5]", "distinct")])
+def test_a_frontier_multiple_that_is_not_a_new_budget_is_refused(make_cfg, frontier, why):
+    cfg = make_cfg("protocol=matched", f"protocol.frontier={frontier}", "schedule=layers_only", "operator=msg")
+    with pytest.raises(ConfigError, match=r"protocol.frontier = .*" + why):
+        check_config(cfg)
+
+
+def test_frontier_multiples_without_protocol_matched_are_refused(make_cfg):
+    with pytest.raises(ConfigError, match="read by protocol=matched only"):
+        check_config(make_cfg("protocol.frontier=[0.5]"))
+
+
+def test_each_frontier_multiple_is_its_own_from_scratch_budget(make_cfg):
+    cfg = make_cfg("protocol=matched", "protocol.frontier=[0.25,0.5]", "schedule=layers_only", "operator=msg")
+    assert protocol.budgets(cfg, 8e12) == [("matched_baseline", 8e12), ("matched_baseline_x0.25", 2e12),
+                                           ("matched_baseline_x0.5", 4e12)]
+    base, run_dir, _, overrides = protocol.baseline_job(cfg, "arm", {}, [], 2e12, "matched_baseline_x0.25")
+    assert base.train.max_flops == 2e12 and str(run_dir) == "arm/matched_baseline_x0.25"
+    assert base.protocol.frontier == [] and base.protocol.name == "none"  # a baseline trains nothing more
+
+
+def test_one_multirun_gives_arms_their_matched_baselines_and_a_frontier(tmp_path, cache_dir):
+    """protocol.frontier: the arm's from-scratch runs at 1/4, 1/2 and 1x its FLOPs make the frontier,
+    and the report reads the arm's effective-compute multiplier against it, paired by seed."""
+    msgrun(["-m", "schedule=layers_only", "operator=msg", "protocol=matched", "protocol.frontier=[0.25,0.5]",
+            "train.seed=0,1", *TINY], tmp_path / "sweep", cache_dir, tmp_path)
+    arms = sorted(p for p in (tmp_path / "sweep").iterdir() if p.name.isdigit())
+    for arm in arms:
+        planned = json.loads((arm / "matched_baseline" / "summary.json").read_text())["flops"]
+        for multiple in (0.25, 0.5):
+            run = json.loads((arm / f"matched_baseline_x{multiple}" / "summary.json").read_text())
+            assert run["growth_events"] == 0 and abs(run["flops"] / (multiple * planned) - 1) <= 0.05
+    comp = analyse(load_runs([tmp_path / "sweep"]))
+    assert comp.frontier is not None and len(comp.frontier.frontier.flops) == 6, comp.notes
+    (arm,) = comp.frontier.arms
+    assert arm.n == 2 and arm.paired and arm.multiplier is not None, comp.notes

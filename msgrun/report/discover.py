@@ -43,9 +43,10 @@ def load_runs(paths) -> list[Run]:
 
 
 def _nested(run_dir: Path) -> list[Path]:
-    """A run's own matched baseline (protocol=matched trains it inside the arm's directory)."""
-    inner = run_dir / BASELINE_DIR
-    return [inner] if (inner / "metrics.jsonl").is_file() else []
+    """A run's own matched baseline and frontier runs (protocol=matched trains them inside the arm's
+    directory: matched_baseline/, matched_baseline_x0.25/, ...)."""
+    inner = sorted(run_dir.glob(BASELINE_DIR + "*"), key=lambda p: natural_key(p.name))
+    return [d for d in inner if (d / "metrics.jsonl").is_file()]
 
 
 def _discover(path: Path) -> tuple[list[Path], list[Path]]:
