@@ -498,6 +498,7 @@ class Trainer:
         record = {
             "step": self.step, "tokens": self.tokens, "flops": self.flops, "wall_time": self.wall.total,
             "stage": stage.index, "operator": self.engine.operator.name, "dims": list(stage.dims),
+            "methods": self.engine.operator.methods_for(stage.dims),
             "before": result.before.as_dict(), "after": result.after.as_dict(),
             "params_before": old_model.num_params(), "params_after": self.model.num_params(),
             "probe_loss_before": before["loss"], "probe_loss_after": after["loss"], "max_abs_logit_diff": diff,
@@ -601,7 +602,8 @@ def compiled_frames() -> int:
 def growth_table(r: dict):
     from rich.table import Table
 
-    t = Table(title=f"growth event {r['stage']} at step {r['step']} ({r['operator']}: {', '.join(r['dims'])})")
+    grown = ", ".join(f"{d}={m}" for d, m in r["methods"].items()) if "methods" in r else ", ".join(r["dims"])
+    t = Table(title=f"growth event {r['stage']} at step {r['step']} ({r['operator']}: {grown})")
     t.add_column("")
     t.add_column("before", justify="right")
     t.add_column("after", justify="right")

@@ -184,18 +184,22 @@ def test_width_and_depth_growth_of_a_mixture_is_exact(methods, hidden):
     assert logit_diff(model, grown.model) < 1e-5
 
 
+TINY_RUN = ("model.seq_len=32", "data.vocab_size=500", "train.max_steps=6", "train.eval_every=6",
+            "train.batch_size=4", "model.layers=2")
+
+
 def test_moe_model_upcycles_in_a_run_and_exports(make_cfg, tmp_path):
-    """`msgrun model=moe_tiny schedule=upcycle operator=upcycle`, small and in-process."""
+    """`msgrun model=moe_tiny schedule=upcycle`, small and in-process: no operator named, since
+    experts have one growth method (copy), which the default operator=none adopts for them."""
     from msgrun.train import Trainer
 
     from conftest import read_jsonl
 
-    cfg = make_cfg("model=moe_tiny", "schedule=upcycle", "operator=upcycle", "model.seq_len=32",
-                   "data.vocab_size=500", "train.max_steps=6", "train.eval_every=6", "train.batch_size=4",
-                   "model.layers=2")
+    cfg = make_cfg("model=moe_tiny", "schedule=upcycle", *TINY_RUN)
     Trainer(cfg, tmp_path).run()
     (event,) = read_jsonl(tmp_path / "growth.jsonl")
     assert event["dims"] == ["experts"] and "experts" not in event["before"] and event["after"]["experts"] == 4
+    assert event["operator"] == "none" and event["methods"] == {"experts": "copy"}
     assert event["max_abs_logit_diff"] < 1e-5
     pytest.importorskip("transformers")
     from msgrun.export import checkpoint_model, load_checkpoint, max_logit_diff, to_hf
@@ -204,3 +208,4 @@ def test_moe_model_upcycles_in_a_run_and_exports(make_cfg, tmp_path):
     model = checkpoint_model(state)
     hf = to_hf(model.args, model.state_dict(), {"eot": 0, "pad": 0, "mask": 1})
     assert max_logit_diff(model, hf, torch.arange(32).unsqueeze(0)) < 1e-4
+

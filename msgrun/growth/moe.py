@@ -1,7 +1,8 @@
 """Growing the mixture of experts (model.experts; the MoE module in msgrun/model.py).
 
-`operator.experts=copy` (preset `operator=upcycle`; any other preset takes it as a knob) grows
-the experts of every layer:
+`operator.experts=copy` (preset `operator=upcycle`) grows the experts of every layer. It is the
+one method for experts, so a schedule growing experts uses it even when the operator leaves
+operator.experts null (GrowthOperator.adopt_sole_methods):
 
 * dense -> E experts (sparse upcycling, Komatsuzaki et al., ICLR 2023): every expert is a copy of
   the layer's dense FFN and the router is freshly initialised (N(0, init_std)). Exact whatever

@@ -67,7 +67,7 @@ class Grown:
 
 class GrowthOperator:
     def __init__(self, cfg, family: str, pos: str = "learned"):
-        self.cfg, self.name, self.family = cfg, cfg.name, family
+        self.cfg, self.name, self.family, self.pos = cfg, cfg.name, family, pos
         for key, valid in CHOICES.items():
             if getattr(cfg, key) not in valid:
                 raise ConfigError(f"operator.{key} = {getattr(cfg, key)!r}; choose one of {', '.join(valid)}.")
@@ -147,6 +147,7 @@ class GrowthOperator:
 
     def check(self, start: Shape, stages: list[Stage], final: Shape) -> None:
         """Every stage grows only dimensions this operator can grow, in sizes its methods accept."""
+        self.adopt_sole_methods(stages)
         gqa.check_learned_operator(self.methods, final)
         shape = start
         for stage in stages:
@@ -175,6 +176,24 @@ class GrowthOperator:
             raise ConfigError(f"RaPTr always runs the first and last layers, so its starting path length "
                               f"schedule.start.layers = {start.layers} must be between 2 and model.layers = "
                               f"{final.layers}.")
+
+    def adopt_sole_methods(self, stages: list[Stage]) -> None:
+        """A dimension that a stage grows, that the operator leaves null, and for which the registry
+        has exactly one method, grows by that method: there is no choice to make (today: experts,
+        whose one method `copy` is sparse upcycling and expert duplication). So
+        `msgrun model=moe_tiny schedule=upcycle` upcycles without naming an operator, as it would
+        with operator=upcycle; where methods compete (layers, hidden, ...) a null dimension is still
+        refused in check. Recorded in each growth event's `methods`."""
+        grown = {"heads" if d == "kv_heads" else d for stage in stages for d in stage.dims}
+        adopted = [d for d in grown if self.methods.get(d) is None and len(METHODS.get(d, ())) == 1]
+        for d in adopted:
+            self.methods[d] = METHODS[d][0]
+        if adopted:
+            self.check_options(self.pos)  # the adopted method must compose with the others (LiGO)
+
+    def methods_for(self, dims) -> dict[str, str]:
+        """The method that grows each of `dims` (kv_heads grow by the heads method), for the growth log."""
+        return {d: self.methods["heads" if d == "kv_heads" else d] for d in dims}
 
     def model_args(self, shape: Shape, final: ModelArgs) -> ModelArgs:
         """The model that trains at `shape`. Under random paths (RaPTr) the model is always full
