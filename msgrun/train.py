@@ -508,6 +508,8 @@ class Trainer:
             "flops_per_token_after": result.flops_per_token_after,
             "operator_flops": result.operator_flops,
         }
+        if old_model.args.moe or self.model.args.moe:  # top-k may change with the experts (operator.expert_top_k)
+            record["experts_per_token"] = [old_model.args.active_experts, self.model.args.active_experts]
         self.flops += result.operator_flops  # training compute (LiGO's fitting), already inside wall_time
         del old_model
         if self.is_main:
@@ -612,6 +614,8 @@ def growth_table(r: dict):
             default = {"kv_heads": "heads", "experts": None}.get(d)
             before, after = (x.get(d, x[default] if default else 1) for x in (r["before"], r["after"]))
             t.add_row(d, str(before), str(after))
+    if "experts_per_token" in r:
+        t.add_row("experts per token", *map(str, r["experts_per_token"]))
     t.add_row("params", f"{r['params_before']:,}", f"{r['params_after']:,}")
     t.add_row("train FLOPs/token", f"{r['flops_per_token_before']:,.0f}", f"{r['flops_per_token_after']:,.0f}")
     t.add_row("probe loss", f"{r['probe_loss_before']:.6f}", f"{r['probe_loss_after']:.6f}")

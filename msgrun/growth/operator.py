@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from msgrun.errors import ConfigError
-from msgrun.growth import gqa
+from msgrun.growth import gqa, moe
 from msgrun.growth.copying import break_symmetry, with_variant
 from msgrun.growth.methods import Method, first_occurrences
 from msgrun.growth.registry import METHODS, REGISTRY, resolved
@@ -51,6 +51,7 @@ CHOICES = {
     "new_layer_state": ("fresh", "carry"),
     "mask_placement": ("reference", "ours"),
     "ramp_start": ("zero", "increment"),
+    "expert_top_k": moe.TOP_K,
 }
 
 
@@ -145,10 +146,13 @@ class GrowthOperator:
                 "values from the unpooled input outside that mask. Use operator.mask_placement=ours (new heads "
                 "masked at the output projection) with length pooling.")
 
-    def check(self, start: Shape, stages: list[Stage], final: Shape) -> None:
-        """Every stage grows only dimensions this operator can grow, in sizes its methods accept."""
+    def check(self, start: Shape, stages: list[Stage], final: Shape, experts_per_token: int | None = None) -> None:
+        """Every stage grows only dimensions this operator can grow, in sizes its methods accept
+        (`experts_per_token`: the final model's top-k, for operator.expert_top_k=grow)."""
         self.adopt_sole_methods(stages)
         gqa.check_learned_operator(self.methods, final)
+        if experts_per_token is not None:
+            moe.check_top_k(self.cfg, start, stages, final, experts_per_token)
         shape = start
         for stage in stages:
             if {"heads", "kv_heads"} & set(stage.dims) and self.methods["heads"] is not None:
@@ -199,8 +203,9 @@ class GrowthOperator:
         """The model that trains at `shape`. Under random paths (RaPTr) the model is always full
         depth: its `layers` are the expected path length."""
         layers = final.layers if self.paths else shape.layers
+        k = moe.experts_per_token(self.cfg.expert_top_k, final.experts_per_token, final.experts, shape.experts)
         return replace(final, layers=layers, hidden=shape.hidden, heads=shape.heads, ffn=shape.ffn,
-                       kv_heads=shape.kv_heads, experts=shape.experts)
+                       kv_heads=shape.kv_heads, experts=shape.experts, experts_per_token=k)
 
     # ------------------------------------------------------------------ building the grown model
     def layer_plan(self, old_layers: int, new_layers: int) -> tuple[list[int | None], list[bool], list[bool],
