@@ -141,6 +141,9 @@ class Trainer:
 
     def _run(self) -> dict:
         cfg = self.cfg
+        # train.branch_from: the parent's checkpoint is found and checked first, so that a refused
+        # branch costs no pre-flight and leaves the run directory as it was (msgrun/branch.py)
+        parent = branch.find_parent(cfg, self.run_dir, self.budget, self.fingerprints())
         if cfg.train.preflight and self.dist.mode != "fsdp":  # before the run directory is touched
             self.preflight = run_preflight(self.engine, cfg, self.device, self.dist.world_size, self.make_batch,
                                            self.autocast)
@@ -152,7 +155,7 @@ class Trainer:
         resumed = state is not None
         # train.branch_from: a fresh branch starts from the parent's checkpoint (msgrun/branch.py)
         self.branch, parent_state = branch.prepare(cfg, self.run_dir, self.budget, self.fingerprints(), resumed,
-                                                   self.console.print)
+                                                   self.console.print, parent)
         if parent_state is not None:
             self.load_state_dict(parent_state)
         self._wrap()

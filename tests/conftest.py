@@ -76,6 +76,7 @@ SLOW = {
     ),
     "tests/test_branch.py": (
         "test_a_branch_equals_a_run_given_the_decay_from_the_start",
+        "test_a_branch_resumes_from_its_own_checkpoint_like_any_run",
     ),
     "tests/test_cli.py": (
         "test_a_crash_before_training_leaves_no_record_for_a_later_command",
