@@ -131,12 +131,12 @@ SLOW = {
         "test_a_user_config_folder_joins_the_tree_through_hydra_searchpath",
         "test_wheel_installs_and_runs_a_job_a_sweep_and_the_report_outside_the_repository",
     ),
-    "tests/test_moe.py": (
-        "test_expert_duplication_runs_exactly",
-    ),
     "tests/test_preemption.py": (
         "test_a_stopped_run_prints_the_exact_command_that_resumes_it",
         "test_a_stopped_sweep_rerun_resumes_its_unfinished_job_and_skips_the_finished_one",
+    ),
+    "tests/test_moe.py": (
+        "test_expert_duplication_runs_exactly",
     ),
     "tests/test_preflight.py": (
         "test_preflight_leaves_the_run_unchanged",
