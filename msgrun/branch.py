@@ -11,11 +11,16 @@ The branch starts from the parent's newest checkpoint that lies before both deca
 parent's and its own), restores it exactly as a resume does (model, optimizer, LR schedule,
 counters, random states), and copies the parent's log lines up to that checkpoint, so its
 `metrics.jsonl`, `flops` and `tokens` include the parent's. It records its parent
-(`summary.json` → `branch_from`: directory, step, the checkpoint's SHA-256). Once it has written
-a checkpoint of its own it resumes from that like any run.
+(`summary.json` → `branch_from`: directory, step, the checkpoint's SHA-256; `branch.json` in its
+run directory). Once it has written a checkpoint of its own it resumes from that like any run,
+without reading the parent again.
 
-Refused before training: a decay other than wsd, a parent with another configuration (anything
-but the budget, logging and placement), other data, or no checkpoint before the decays.
+Refused before any compute (`find_parent`, called before the memory pre-flight and before the
+run directory is touched): a decay other than wsd, a parent with another configuration (anything
+but the budget, logging and placement), other data, or no checkpoint before the decays. A branch
+that has its record and checkpoints of its own is a resume, checked by the resume machinery
+instead (its parent may be gone by then); only if all of its own checkpoints are damaged does it
+branch again after the pre-flight, and then the same refusals come there.
 """
 
 from __future__ import annotations
@@ -39,23 +44,36 @@ def parent_budget(config: dict) -> Budget:
 RECORD = "branch.json"  # the parent's record, kept in the run directory for the run's resumes
 
 
-def prepare(cfg, run_dir: Path, budget: Budget, fingerprints: dict, resumed: bool,
-            log) -> tuple[dict | None, dict | None]:
+def find_parent(cfg, run_dir: Path, budget: Budget, fingerprints: dict) -> tuple[dict, dict] | None:
+    """Before any compute and before the run directory is touched: for a branch that has no
+    checkpoint of its own, the parent's checkpoint to start from, with every refusal raised here.
+    None: no branch, or a started one that resumes (prepare reads its record back)."""
+    if not cfg.train.branch_from or ((run_dir / RECORD).exists() and checkpoint.list_checkpoints(run_dir)):
+        return None
+    return choose(cfg, budget, fingerprints)
+
+
+def prepare(cfg, run_dir: Path, budget: Budget, fingerprints: dict, resumed: bool, log,
+            found: tuple[dict, dict] | None = None) -> tuple[dict | None, dict | None]:
     """The parent's record (None: no branch) and, when this run starts by branching, the parent's
-    checkpoint state to load; a resumed branch reads its record back and loads nothing here."""
+    checkpoint state to load (`found`: find_parent's answer); a resumed branch reads its record
+    back and loads nothing here."""
     if not cfg.train.branch_from:
         return None, None
     path = run_dir / RECORD
     if resumed and path.exists():
         return json.loads(path.read_text()), None
-    record, state = start(cfg, run_dir, budget, fingerprints, log)
+    # a branch whose own checkpoints all failed to load starts over here (find_parent saw files)
+    record, state = found if found is not None else choose(cfg, budget, fingerprints)
+    copy_lines(Path(record["run_dir"]), run_dir, state["log_lines"])
     atomic_write(path, lambda f: f.write(json.dumps(record).encode()))
+    log(f"branched from {record['run_dir']} at step {record['step']} ({record['flops']:.3e} FLOPs)")
     return record, state
 
 
-def start(cfg, run_dir: Path, budget: Budget, fingerprints: dict, log) -> tuple[dict, dict]:
-    """The parent's newest checkpoint before both decays (its state, for Trainer.load_state_dict)
-    and its record; copies the parent's log lines up to it."""
+def choose(cfg, budget: Budget, fingerprints: dict) -> tuple[dict, dict]:
+    """The parent's newest checkpoint before both decays: its record and its state (for
+    Trainer.load_state_dict). Reads the parent only."""
     parent = Path(cfg.train.branch_from)
     if cfg.optim.decay != "wsd":
         raise ConfigError(f"train.branch_from needs optim.decay=wsd (it is {cfg.optim.decay}): only a warmup-stable-"
@@ -74,10 +92,8 @@ def start(cfg, run_dir: Path, budget: Budget, fingerprints: dict, log) -> tuple[
         found.append(c["step"])
         if theirs <= stable_end and mine <= stable_end:
             check_parent(cfg, fingerprints, parent, config, state)
-            copy_lines(parent, run_dir, state["log_lines"])
             record = {"run_dir": str(parent), "step": c["step"], "tokens": c["tokens"], "flops": c["flops"],
                       "checkpoint_sha256": path.with_name(path.name + ".sha256").read_text().strip()}
-            log(f"branched from {path} (step {c['step']}, {c['flops']:.3e} FLOPs)")
             return record, state
     raise ConfigError(
         f"train.branch_from={parent}: no checkpoint there lies before both the parent's and this run's decay "

@@ -154,6 +154,9 @@ class OperatorConfig:
     ffn: Optional[str] = None
     seq_len: Optional[str] = None  # warmup | pool | auto (pool for bert, warmup for gpt)
     experts: Optional[str] = None  # copy: dense -> experts (sparse upcycling), experts -> more (duplication)
+    # experts -> more: fixed (top-k stays model.experts_per_token: not exact) | grow (k grows with the
+    # experts, E -> mE runs mk: exact; growth/moe.py)
+    expert_top_k: str = "fixed"
     # MSG
     ramp_steps: Any = 0.05  # increments of the mask strength alpha 0 -> 1: int steps, or float fraction of the run
     ramp_start: str = "zero"  # zero (the event's step trains at alpha 0: reference) | increment (at 1/R)

@@ -141,6 +141,9 @@ class Trainer:
 
     def _run(self) -> dict:
         cfg = self.cfg
+        # train.branch_from: the parent's checkpoint is found and checked first, so that a refused
+        # branch costs no pre-flight and leaves the run directory as it was (msgrun/branch.py)
+        parent = branch.find_parent(cfg, self.run_dir, self.budget, self.fingerprints())
         if cfg.train.preflight and self.dist.mode != "fsdp":  # before the run directory is touched
             self.preflight = run_preflight(self.engine, cfg, self.device, self.dist.world_size, self.make_batch,
                                            self.autocast)
@@ -152,7 +155,7 @@ class Trainer:
         resumed = state is not None
         # train.branch_from: a fresh branch starts from the parent's checkpoint (msgrun/branch.py)
         self.branch, parent_state = branch.prepare(cfg, self.run_dir, self.budget, self.fingerprints(), resumed,
-                                                   self.console.print)
+                                                   self.console.print, parent)
         if parent_state is not None:
             self.load_state_dict(parent_state)
         self._wrap()
@@ -498,6 +501,7 @@ class Trainer:
         record = {
             "step": self.step, "tokens": self.tokens, "flops": self.flops, "wall_time": self.wall.total,
             "stage": stage.index, "operator": self.engine.operator.name, "dims": list(stage.dims),
+            "methods": self.engine.operator.methods_for(stage.dims),
             "before": result.before.as_dict(), "after": result.after.as_dict(),
             "params_before": old_model.num_params(), "params_after": self.model.num_params(),
             "probe_loss_before": before["loss"], "probe_loss_after": after["loss"], "max_abs_logit_diff": diff,
@@ -507,6 +511,8 @@ class Trainer:
             "flops_per_token_after": result.flops_per_token_after,
             "operator_flops": result.operator_flops,
         }
+        if old_model.args.moe or self.model.args.moe:  # top-k may change with the experts (operator.expert_top_k)
+            record["experts_per_token"] = [old_model.args.active_experts, self.model.args.active_experts]
         self.flops += result.operator_flops  # training compute (LiGO's fitting), already inside wall_time
         del old_model
         if self.is_main:
@@ -601,7 +607,8 @@ def compiled_frames() -> int:
 def growth_table(r: dict):
     from rich.table import Table
 
-    t = Table(title=f"growth event {r['stage']} at step {r['step']} ({r['operator']}: {', '.join(r['dims'])})")
+    grown = ", ".join(f"{d}={m}" for d, m in r["methods"].items()) if "methods" in r else ", ".join(r["dims"])
+    t = Table(title=f"growth event {r['stage']} at step {r['step']} ({r['operator']}: {grown})")
     t.add_column("")
     t.add_column("before", justify="right")
     t.add_column("after", justify="right")
@@ -610,6 +617,8 @@ def growth_table(r: dict):
             default = {"kv_heads": "heads", "experts": None}.get(d)
             before, after = (x.get(d, x[default] if default else 1) for x in (r["before"], r["after"]))
             t.add_row(d, str(before), str(after))
+    if "experts_per_token" in r:
+        t.add_row("experts per token", *map(str, r["experts_per_token"]))
     t.add_row("params", f"{r['params_before']:,}", f"{r['params_after']:,}")
     t.add_row("train FLOPs/token", f"{r['flops_per_token_before']:,.0f}", f"{r['flops_per_token_after']:,.0f}")
     t.add_row("probe loss", f"{r['probe_loss_before']:.6f}", f"{r['probe_loss_after']:.6f}")

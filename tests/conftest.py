@@ -76,6 +76,7 @@ SLOW = {
     ),
     "tests/test_branch.py": (
         "test_a_branch_equals_a_run_given_the_decay_from_the_start",
+        "test_a_branch_resumes_from_its_own_checkpoint_like_any_run",
     ),
     "tests/test_cli.py": (
         "test_a_crash_before_training_leaves_no_record_for_a_later_command",
@@ -136,6 +137,9 @@ SLOW = {
     "tests/test_preemption.py": (
         "test_a_stopped_run_prints_the_exact_command_that_resumes_it",
         "test_a_stopped_sweep_rerun_resumes_its_unfinished_job_and_skips_the_finished_one",
+    ),
+    "tests/test_moe.py": (
+        "test_expert_duplication_runs_exactly",
     ),
     "tests/test_preflight.py": (
         "test_preflight_leaves_the_run_unchanged",

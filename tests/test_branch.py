@@ -42,14 +42,48 @@ def test_a_branch_equals_a_run_given_the_decay_from_the_start(make_cfg, tmp_path
         direct_summary["flops"], direct_summary["tokens"], direct_summary["final_val_loss"])
 
 
-def test_a_branch_needs_wsd_and_the_parents_settings(make_cfg, tmp_path):
+def test_a_branch_needs_wsd_and_the_parents_settings_and_refuses_before_any_compute(make_cfg, tmp_path,
+                                                                                   monkeypatch):
+    """Each refusal comes before the memory pre-flight (a growth replay and a training step) and
+    before the run directory is created."""
+    import msgrun.train
+
     train(make_cfg, tmp_path / "parent", "train.max_steps=20")
-    with pytest.raises(ConfigError, match="needs optim.decay=wsd"):
-        Trainer(make_cfg(*WSD, "optim.decay=cosine", f"train.branch_from={tmp_path / 'parent'}"),
-                tmp_path / "a").run()
-    with pytest.raises(ConfigError, match=r"differs from this run outside the budget in optim.weight_decay"):
-        Trainer(make_cfg(*WSD, "train.max_steps=15", "optim.weight_decay=0.01",
-                         f"train.branch_from={tmp_path / 'parent'}"), tmp_path / "b").run()
-    with pytest.raises(ConfigError, match="no checkpoint there lies before both"):
-        Trainer(make_cfg(*WSD, "train.max_steps=5", f"train.branch_from={tmp_path / 'parent'}"),
-                tmp_path / "c").run()
+    monkeypatch.setattr(msgrun.train, "run_preflight",
+                        lambda *a, **k: pytest.fail("the pre-flight ran before the branch was checked"))
+    for name, overrides, refusal in (
+            ("a", ["optim.decay=cosine"], "needs optim.decay=wsd"),
+            ("b", ["train.max_steps=15", "optim.weight_decay=0.01"],
+             r"differs from this run outside the budget in optim.weight_decay"),
+            ("c", ["train.max_steps=5"], "no checkpoint there lies before both")):
+        with pytest.raises(ConfigError, match=refusal):
+            Trainer(make_cfg(*WSD, *overrides, f"train.branch_from={tmp_path / 'parent'}"), tmp_path / name).run()
+        assert not (tmp_path / name).exists()
+
+
+def test_a_branch_resumes_from_its_own_checkpoint_like_any_run(make_cfg, tmp_path, monkeypatch):
+    """Stopped mid-branch (a crash after its checkpoint at step 24, with step 25 logged), the branch
+    resumes from its own checkpoint, without its parent, and logs what the uninterrupted branch logs."""
+    import shutil
+
+    train(make_cfg, tmp_path / "parent", "train.max_steps=40")  # checkpoints every 10 steps
+    own = ["train.max_steps=30", "train.checkpoint_every=3", f"train.branch_from={tmp_path / 'parent'}"]
+    whole, whole_summary = train(make_cfg, tmp_path / "whole", *own)  # branches at step 20, decays from 24
+    step = Trainer.train_step
+
+    def crash_after_step_26(self):
+        if self.step == 26:
+            raise RuntimeError("killed")
+        step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_after_step_26)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(make_cfg, tmp_path / "branch", *own)
+    monkeypatch.undo()
+    assert read_jsonl(tmp_path / "branch" / "metrics.jsonl")[-1]["step"] == 25  # logged after the checkpoint
+    shutil.rmtree(tmp_path / "parent")  # a resumed branch reads its own checkpoint and record only
+    resumed, summary = train(make_cfg, tmp_path / "branch", *own)
+    assert exact(resumed) == exact(whole)
+    assert summary["branch_from"] == whole_summary["branch_from"] and summary["branch_from"]["step"] == 20
+    assert (summary["flops"], summary["tokens"], summary["final_val_loss"]) == (
+        whole_summary["flops"], whole_summary["tokens"], whole_summary["final_val_loss"])

@@ -171,6 +171,61 @@ def test_expert_duplication_copies_experts_and_router_rows_and_its_departure_is_
     assert torch.equal(noisy[:3], old.router.weight) and not torch.equal(noisy[3:], old.router.weight)
 
 
+@pytest.mark.parametrize("experts,copies,k", [(3, 2, 1), (3, 3, 2), (5, 2, 2)])
+def test_expert_duplication_with_top_k_grown_is_exact(experts, copies, k):
+    """E -> mE with operator.expert_top_k=grow: every expert copied m times with its router row, k -> mk,
+    zero-sum noise on the copies' output projections. Each copy gets p_e / m of the softmax, the top mk
+    are the copies of the old top k, and renormalised the m copies weigh what their source did."""
+    model = make_model(experts=experts, experts_per_token=k)
+    grown = grow(model, experts * copies, shape=dict(experts_per_token=k * copies), experts="copy",
+                 expert_top_k="grow", symmetry_noise=1e-2)
+    old, new = model.blocks[0].mlp, grown.model.blocks[0].mlp
+    assert new.k == k * copies and torch.equal(new.router.weight, old.router.weight.repeat(copies, 1))
+    assert not torch.equal(new.experts[experts].proj.weight, old.experts[0].proj.weight)  # symmetry broken
+    assert logit_diff(model, grown.model) < 1e-5
+    # the router split is what makes it exact: a copy whose router row departs from its twin's takes
+    # another share of the weight, and the zero-sum noise no longer cancels
+    with torch.no_grad():
+        new.router.weight[experts] += 1e-2 * torch.randn(new.router.weight.shape[1],
+                                                         generator=torch.Generator().manual_seed(0))
+    assert logit_diff(model, grown.model) > 1e-5
+
+
+@pytest.mark.parametrize("eta", [0.0, 1e-2])
+def test_duplicated_experts_drift_apart_only_with_symmetry_noise(eta):
+    """Copies with equal router rows and equal weights get equal gradients forever (dropout 0);
+    operator.symmetry_noise on their output projections sets them apart and keeps the growth exact."""
+    model = make_model(experts=2, experts_per_token=1)
+    grown = grow(model, 4, shape=dict(experts_per_token=2), experts="copy", expert_top_k="grow",
+                 symmetry_noise=eta).model
+    opt = torch.optim.AdamW(grown.parameters(), lr=1e-2)
+    grown.train()
+    for _ in range(3):
+        opt.zero_grad()
+        grown(batch(), batch())[1].backward()
+        opt.step()
+    moe = grown.blocks[0].mlp
+    drift = max((moe.experts[0].fc.weight - moe.experts[2].fc.weight).abs().max().item(),
+                (moe.router.weight[0] - moe.router.weight[2]).abs().max().item())
+    assert drift > 1e-4 if eta else drift < 1e-7
+
+
+def test_growing_top_k_needs_whole_counts(make_cfg):
+    from msgrun.growth.engine import GrowthEngine
+    from msgrun.train import final_model_args
+
+    def engine(*overrides):
+        cfg = make_cfg("experiment=expert_duplication", *overrides)
+        return GrowthEngine(cfg, final_model_args(cfg.model, cfg.data.vocab_size))
+
+    assert engine().initial_args().experts_per_token == 1  # moe_tiny: 2 experts, top-1, then 4, top-2
+    with pytest.raises(ConfigError, match=r"schedule.start has 3 experts.*2 x 3 / 4 of them per token"):
+        engine("schedule.start.experts=3")
+    with pytest.raises(ConfigError, match=r"grows experts 4 -> 6 with operator.expert_top_k=grow.*not a multiple"):
+        engine("model.experts=6", "model.experts_per_token=3", "schedule.start.experts=4")
+    engine("schedule.start.experts=3", "operator.expert_top_k=fixed")  # fixed k: any counts
+
+
 @pytest.mark.parametrize("methods,hidden", [(dict(hidden="tile", ffn="fpi", heads="fpi"), 90),
                                             (dict(hidden="msg", ffn="msg", heads="msg", layers="msg"), 61)],
                          ids=["copying", "msg"])
@@ -184,19 +239,23 @@ def test_width_and_depth_growth_of_a_mixture_is_exact(methods, hidden):
     assert logit_diff(model, grown.model) < 1e-5
 
 
+TINY_RUN = ("model.seq_len=32", "data.vocab_size=500", "train.max_steps=6", "train.eval_every=6",
+            "train.batch_size=4", "model.layers=2")
+
+
 def test_moe_model_upcycles_in_a_run_and_exports(make_cfg, tmp_path):
-    """`msgrun model=moe_tiny schedule=upcycle operator=upcycle`, small and in-process."""
+    """`msgrun model=moe_tiny schedule=upcycle`, small and in-process: no operator named, since
+    experts have one growth method (copy), which the default operator=none adopts for them."""
     from msgrun.train import Trainer
 
     from conftest import read_jsonl
 
-    cfg = make_cfg("model=moe_tiny", "schedule=upcycle", "operator=upcycle", "model.seq_len=32",
-                   "data.vocab_size=500", "train.max_steps=6", "train.eval_every=6", "train.batch_size=4",
-                   "model.layers=2")
+    cfg = make_cfg("model=moe_tiny", "schedule=upcycle", *TINY_RUN)
     Trainer(cfg, tmp_path).run()
     (event,) = read_jsonl(tmp_path / "growth.jsonl")
     assert event["dims"] == ["experts"] and "experts" not in event["before"] and event["after"]["experts"] == 4
-    assert event["max_abs_logit_diff"] < 1e-5
+    assert event["operator"] == "none" and event["methods"] == {"experts": "copy"}
+    assert event["experts_per_token"] == [1, 2] and event["max_abs_logit_diff"] < 1e-5
     pytest.importorskip("transformers")
     from msgrun.export import checkpoint_model, load_checkpoint, max_logit_diff, to_hf
 
@@ -204,3 +263,15 @@ def test_moe_model_upcycles_in_a_run_and_exports(make_cfg, tmp_path):
     model = checkpoint_model(state)
     hf = to_hf(model.args, model.state_dict(), {"eot": 0, "pad": 0, "mask": 1})
     assert max_logit_diff(model, hf, torch.arange(32).unsqueeze(0)) < 1e-4
+
+
+def test_expert_duplication_runs_exactly(make_cfg, tmp_path):
+    """`msgrun experiment=expert_duplication`, small: 2 experts at top-1 become 4 at top-2, exactly."""
+    from msgrun.train import Trainer
+
+    from conftest import read_jsonl
+
+    Trainer(make_cfg("experiment=expert_duplication", *TINY_RUN), tmp_path).run()
+    (event,) = read_jsonl(tmp_path / "growth.jsonl")
+    assert (event["before"]["experts"], event["after"]["experts"], event["experts_per_token"]) == (2, 4, [1, 2])
+    assert event["methods"] == {"experts": "copy"} and event["max_abs_logit_diff"] < 1e-5

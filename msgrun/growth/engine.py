@@ -75,7 +75,7 @@ class GrowthEngine:
         start, stages = resolve_schedule(cfg.schedule, cfg.model)
         if cfg.schedule.guideline == "gstack":
             stages = self.apply_gstack_guideline(start, stages)
-        self.operator.check(start, stages, self.final_shape)
+        self.operator.check(start, stages, self.final_shape, final_args.experts_per_token)
         single = [m.name for m in self.operator.active if m.single_process]
         if single and (world_size > 1 or tc.distributed != "none"):
             raise ConfigError(f"operator.*={single[0]} fits its growth operator on one process's batches; under "

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from msgrun.errors import ConfigError
-from msgrun.growth import gqa
+from msgrun.growth import gqa, moe
 from msgrun.growth.copying import break_symmetry, with_variant
 from msgrun.growth.methods import Method, first_occurrences
 from msgrun.growth.registry import METHODS, REGISTRY, resolved
@@ -51,6 +51,7 @@ CHOICES = {
     "new_layer_state": ("fresh", "carry"),
     "mask_placement": ("reference", "ours"),
     "ramp_start": ("zero", "increment"),
+    "expert_top_k": moe.TOP_K,
 }
 
 
@@ -67,7 +68,7 @@ class Grown:
 
 class GrowthOperator:
     def __init__(self, cfg, family: str, pos: str = "learned"):
-        self.cfg, self.name, self.family = cfg, cfg.name, family
+        self.cfg, self.name, self.family, self.pos = cfg, cfg.name, family, pos
         for key, valid in CHOICES.items():
             if getattr(cfg, key) not in valid:
                 raise ConfigError(f"operator.{key} = {getattr(cfg, key)!r}; choose one of {', '.join(valid)}.")
@@ -145,9 +146,13 @@ class GrowthOperator:
                 "values from the unpooled input outside that mask. Use operator.mask_placement=ours (new heads "
                 "masked at the output projection) with length pooling.")
 
-    def check(self, start: Shape, stages: list[Stage], final: Shape) -> None:
-        """Every stage grows only dimensions this operator can grow, in sizes its methods accept."""
+    def check(self, start: Shape, stages: list[Stage], final: Shape, experts_per_token: int | None = None) -> None:
+        """Every stage grows only dimensions this operator can grow, in sizes its methods accept
+        (`experts_per_token`: the final model's top-k, for operator.expert_top_k=grow)."""
+        self.adopt_sole_methods(stages)
         gqa.check_learned_operator(self.methods, final)
+        if experts_per_token is not None:
+            moe.check_top_k(self.cfg, start, stages, final, experts_per_token)
         shape = start
         for stage in stages:
             if {"heads", "kv_heads"} & set(stage.dims) and self.methods["heads"] is not None:
@@ -176,12 +181,31 @@ class GrowthOperator:
                               f"schedule.start.layers = {start.layers} must be between 2 and model.layers = "
                               f"{final.layers}.")
 
+    def adopt_sole_methods(self, stages: list[Stage]) -> None:
+        """A dimension that a stage grows, that the operator leaves null, and for which the registry
+        has exactly one method, grows by that method: there is no choice to make (today: experts,
+        whose one method `copy` is sparse upcycling and expert duplication). So
+        `msgrun model=moe_tiny schedule=upcycle` upcycles without naming an operator, as it would
+        with operator=upcycle; where methods compete (layers, hidden, ...) a null dimension is still
+        refused in check. Recorded in each growth event's `methods`."""
+        grown = {"heads" if d == "kv_heads" else d for stage in stages for d in stage.dims}
+        adopted = [d for d in grown if self.methods.get(d) is None and len(METHODS.get(d, ())) == 1]
+        for d in adopted:
+            self.methods[d] = METHODS[d][0]
+        if adopted:
+            self.check_options(self.pos)  # the adopted method must compose with the others (LiGO)
+
+    def methods_for(self, dims) -> dict[str, str]:
+        """The method that grows each of `dims` (kv_heads grow by the heads method), for the growth log."""
+        return {d: self.methods["heads" if d == "kv_heads" else d] for d in dims}
+
     def model_args(self, shape: Shape, final: ModelArgs) -> ModelArgs:
         """The model that trains at `shape`. Under random paths (RaPTr) the model is always full
         depth: its `layers` are the expected path length."""
         layers = final.layers if self.paths else shape.layers
+        k = moe.experts_per_token(self.cfg.expert_top_k, final.experts_per_token, final.experts, shape.experts)
         return replace(final, layers=layers, hidden=shape.hidden, heads=shape.heads, ffn=shape.ffn,
-                       kv_heads=shape.kv_heads, experts=shape.experts)
+                       kv_heads=shape.kv_heads, experts=shape.experts, experts_per_token=k)
 
     # ------------------------------------------------------------------ building the grown model
     def layer_plan(self, old_layers: int, new_layers: int) -> tuple[list[int | None], list[bool], list[bool],
