@@ -36,15 +36,22 @@ def test_a_rising_or_too_short_frontier_is_refused():
         frontier.fit([1e12, 2e12, 4e12], [3.0, 3.1, 3.2])
 
 
+def frontier_runs(tmp_path, rng, seed) -> float:
+    """From-scratch runs of one seed at five budgets, every loss shifted by the seed's offset (its
+    data order), which is returned."""
+    offset = rng.normal(0, 0.03)
+    for budget in BUDGETS:
+        points = [(c, float(law(c) + offset + rng.normal(0, 0.004))) for c in (budget / 4, budget / 2, budget)]
+        base_run(tmp_path / f"b{budget:.0e}-s{seed}", points, seed=seed, overrides=[f"train.max_flops={budget}"])
+    return offset
+
+
 def synthetic_sweep(tmp_path, speed: float, rng_seed: int, seeds=range(5), small_share=0.25):
     """From-scratch runs at five budgets and one arm per seed whose final loss is the frontier's
     at `speed` times its FLOPs; each seed shifts all its losses by one offset (its data order)."""
     rng = np.random.default_rng(rng_seed)
     for seed in seeds:
-        offset = rng.normal(0, 0.03)
-        for budget in BUDGETS:
-            points = [(c, float(law(c) + offset + rng.normal(0, 0.004))) for c in (budget / 4, budget / 2, budget)]
-            base_run(tmp_path / f"b{budget:.0e}-s{seed}", points, seed=seed, overrides=[f"train.max_flops={budget}"])
+        offset = frontier_runs(tmp_path, rng, seed)
         fl = [ARM_FLOPS * x for x in (0.25, 0.5, 0.75, 1.0)]
         points = [(c, float(law(speed * c) + offset + rng.normal(0, 0.004))) for c in fl]
         write_run(tmp_path / f"arm-s{seed}", points, seed=seed, growth=[small_share * ARM_FLOPS])
@@ -100,10 +107,7 @@ def budget_sweep(tmp_path, speeds: dict[float, float], rng_seed: int = 0, seeds=
     the frontier's at speed x its FLOPs."""
     rng = np.random.default_rng(rng_seed)
     for seed in seeds:
-        offset = rng.normal(0, 0.03)
-        for budget in BUDGETS:
-            points = [(c, float(law(c) + offset + rng.normal(0, 0.004))) for c in (budget / 4, budget / 2, budget)]
-            base_run(tmp_path / f"b{budget:.0e}-s{seed}", points, seed=seed, overrides=[f"train.max_flops={budget}"])
+        offset = frontier_runs(tmp_path, rng, seed)
         for budget, speed in speeds.items():
             fl = [budget * x for x in (0.25, 0.5, 0.75, 1.0)]
             points = [(c, float(law(speed * c) + offset + rng.normal(0, 0.004))) for c in fl]
