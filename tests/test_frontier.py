@@ -130,3 +130,32 @@ def test_a_speed_up_that_shrinks_with_budget_is_seen_paired_by_seed(tmp_path):
 def test_an_unchanged_speed_up_covers_one_across_budgets(tmp_path):
     (_, _, iv), = budget_sweep(tmp_path / "same", {ARM_FLOPS / 2: 1.5, ARM_FLOPS: 1.5}).budget_trends
     assert iv.lo < 1.0 < iv.hi, iv
+
+
+# from-scratch end points of a real CPU sweep (docs/protocol.md's example: 2L x 64, three budgets, three
+# seeds): the loss falls faster at the larger budgets, still in its early, steep phase
+REAL_FLOPS = [5.55661e11] * 3 + [2.77831e11] * 3 + [1.40123e11] * 3
+REAL_VALUES = [5.67843, 5.69461, 5.79561, 6.20564, 6.03195, 6.27284, 6.49072, 6.46299, 6.56587]
+
+
+def test_points_without_saturation_fit_with_e_at_zero_not_below(tmp_path):
+    """Unconstrained, the real sweep's points drove alpha to its bound and E to -563 (a loss of
+    -563 nats at infinite compute), and every multiplier read beyond them followed that line. A
+    loss cannot go below 0: the fit keeps E >= 0 and says the points show no saturation; an arm
+    read beyond the largest budget is flagged as extrapolated."""
+    f = frontier.fit(REAL_FLOPS, REAL_VALUES)
+    assert 0.0 <= f.E < 1e-3 and f.A > 0 and f.alpha > 0.001
+    assert max(abs(r) for r in f.residuals) < 0.2
+    for seed in range(3):
+        for budget in (1e11, 2e11, 4e11):
+            base_run(tmp_path / f"b{budget:.0e}-s{seed}", [(budget / 2, 12.0 * (budget / 2) ** -0.03 + 0.2),
+                                                            (budget, 12.0 * budget ** -0.03)],
+                     seed=seed, overrides=[f"train.max_flops={budget}"])
+        # a true 2x arm at the largest budget: reading it needs the frontier at 8e11
+        write_run(tmp_path / f"arm-s{seed}", [(2e11, 12.0 * 4e11 ** -0.03), (4e11, 12.0 * 8e11 ** -0.03)], seed=seed,
+                  growth=[1e11], overrides=["train.max_flops=4e11"])
+    comp = analyse(load_runs([tmp_path]))
+    (arm,) = comp.frontier.arms
+    assert arm.multiplier.estimate == pytest.approx(2.0, rel=0.02)
+    assert any(n.startswith("extrapolated") and "4e+11" in n for n in arm.notes), arm.notes
+    assert "no saturation" in frontier.summary_lines(comp.frontier)[0]

@@ -6,9 +6,10 @@ Definitions (also the report's footnotes, via `definitions`):
   a matched baseline of the arm in all but the budget (matching.py), one point per run: runs
   trained to several budgets, each with its own full LR schedule (train.max_flops, matched
   baselines, or WSD decay branches).
-* Frontier: a saturating power law L(C) = E + A * C^(-alpha) with A > 0, alpha > 0 (so it
-  falls monotonically towards the irreducible value E), fitted by least squares on L: for a
-  fixed alpha, E and A are a linear least-squares fit; alpha (in [0.001, 3]) is chosen by a grid
+* Frontier: a saturating power law L(C) = E + A * C^(-alpha) with A > 0, alpha > 0 and E >= 0
+  (it falls monotonically towards the irreducible value E; a loss cannot go below 0), fitted by
+  least squares on L: for a fixed alpha, E and A are a linear least-squares fit (E = 0 where
+  the unconstrained E would be negative); alpha (in [0.001, 3]) is chosen by a grid
   then a golden-section search on the squared residuals. Residuals (point minus fit) are
   reported for every point.
 * Seed offsets (pairing): runs of one seed read the same data in the same order, so a seed's
@@ -18,7 +19,8 @@ Definitions (also the report's footnotes, via `definitions`):
   reach the run's final value, C_f(L) = (A / (L - E))^(1/alpha), divided by the run's FLOPs.
   Above 1 the arm is cheaper than from-scratch training. Over seeds: geometric mean and 95%
   Student-t interval (stats.ratio_interval). A value at or below E is beyond the frontier's
-  reach: no multiplier.
+  reach: no multiplier. A multiplier that needs the frontier beyond its largest budget is
+  flagged as extrapolated.
 * Two accountings: total (every FLOP of the run, the small model's training included) and sunk
   (the run's FLOPs from its first growth event on: the small model before it is treated as an
   existing checkpoint; operator work, e.g. LiGO's fitting, is always counted).
@@ -75,12 +77,18 @@ class Frontier:
 
 
 def _linear_fit(c: np.ndarray, values: np.ndarray, alpha: float) -> tuple[float, float, float]:
-    """(E, A, squared error) of the least-squares L = E + A * x with x = C^(-alpha): for a fixed
-    exponent the model is linear in E and A."""
+    """(E, A, squared error) of the least-squares L = E + A * x with x = C^(-alpha), E >= 0: for a
+    fixed exponent the model is linear in E and A. A loss (or bits per byte) cannot fall below 0,
+    so where the unconstrained E is negative the best E >= 0 is E = 0 (the squared error is convex
+    in E), and A is the one-parameter fit of L = A * x. Unconstrained, points that fall like log C
+    over the budgets fitted drive alpha to its lower bound and E far below 0 (seen: E = -563,
+    alpha = 0.001), and every reading beyond the points then follows that line."""
     x = np.power(c, -alpha)
     x = x / x.max()  # scaled for conditioning; A is scaled back below
     design = np.stack([np.ones_like(x), x], axis=1)
     (E, a), *_ = np.linalg.lstsq(design, values, rcond=None)
+    if E < 0:
+        E, a = 0.0, float(x @ values / (x @ x))
     sse = float(np.sum((values - E - a * x) ** 2))
     return float(E), float(a / np.power(c, -alpha).max()), sse
 
@@ -206,6 +214,10 @@ def analyse_frontier(comp) -> FrontierResult | None:
         total, sunk, paired = multipliers(g.runs, frontier, metric)
         per_run[g.label] = (g, {r.seed: m for r, m in zip(g.runs, total)})
         notes = []
+        needed = max((m * r.final_flops for r, m in zip(g.runs, total) if m), default=0.0)
+        if needed > max(frontier.flops) * (1 + 1e-9):
+            notes.append(f"extrapolated: reading it needs the frontier at up to {needed:.3g} FLOPs, beyond its largest "
+                         f"from-scratch budget {max(frontier.flops):.3g} (add one there, e.g. protocol.frontier=[0.25,0.5,2])")
         if None in total:
             notes.append("a run ends at or below the frontier's asymptote E (or has no final value): no multiplier")
         results.append(ArmResult(
@@ -259,7 +271,9 @@ def summary_lines(result: FrontierResult) -> list[str]:
     f = result.frontier
     rms = math.sqrt(float(np.mean(np.square(f.residuals))))
     lines = [f"frontier ({len(f.flops)} from-scratch runs): {result.metric} = {f.E:.4g} + {f.A:.4g}·C^-{f.alpha:.4g}, "
-             f"residuals rms {rms:.3g}, max |{max(map(abs, f.residuals)):.3g}| (frontier.csv lists them)"]
+             f"residuals rms {rms:.3g}, max |{max(map(abs, f.residuals)):.3g}| (frontier.csv lists them)"
+             + ("; E at its bound 0: the points show no saturation over these budgets, so readings beyond them "
+                "assume a pure power law" if f.E <= 1e-3 * min(f.values) else "")]
     for arm in result.arms:
         targets = "; ".join(f"{t:.4g}: {fmt(iv)}" for t, iv in arm.at_targets)
         lines.append(f"effective-compute multiplier of {arm.label!r}: {fmt(arm.multiplier)} (total), "
