@@ -120,16 +120,19 @@ def test_a_speed_up_that_shrinks_with_budget_is_seen_paired_by_seed(tmp_path):
     """G_stack's claim 4: the same arm at F/2 (a true 2x) and at F (a true 1.5x): the larger budget's
     multiplier over the smaller's, paired by seed, is about 0.75 and its interval excludes 1."""
     result = budget_sweep(tmp_path, {ARM_FLOPS / 2: 2.0, ARM_FLOPS: 1.5})
-    (small, large, iv), = result.budget_trends
-    assert "2e+12" in small and "4e+12" in large, (small, large)
+    (trend,) = result.budget_trends
+    assert "2e+12" in trend.smaller and "4e+12" in trend.larger, trend
+    iv = trend.multiplier
     assert iv.n == 4 and iv.lo < 0.75 < iv.hi and iv.hi < 1.0, iv
+    # each budget also has its matched baseline: the speed-ups against them shrink alike
+    assert trend.speedup.n == 4 and trend.speedup.estimate == pytest.approx(0.75, rel=0.1), trend.speedup
     notes = frontier.summary_lines(result)
     assert any(line.startswith("change with budget") and "shrinks" in line for line in notes)
 
 
 def test_an_unchanged_speed_up_covers_one_across_budgets(tmp_path):
-    (_, _, iv), = budget_sweep(tmp_path / "same", {ARM_FLOPS / 2: 1.5, ARM_FLOPS: 1.5}).budget_trends
-    assert iv.lo < 1.0 < iv.hi, iv
+    (trend,) = budget_sweep(tmp_path / "same", {ARM_FLOPS / 2: 1.5, ARM_FLOPS: 1.5}).budget_trends
+    assert trend.multiplier.lo < 1.0 < trend.multiplier.hi, trend
 
 
 # from-scratch end points of a real CPU sweep (docs/protocol.md's example: 2L x 64, three budgets, three

@@ -29,8 +29,10 @@ Definitions (also the report's footnotes, via `definitions`):
   The frontier holds annealed end points while an arm's earlier points are mid-schedule, so the
   earlier targets understate what an arm annealed there would give.
 * Change with budget: where the same arm ran at two budgets (groups equal in all but the budget),
-  per seed the larger budget's total multiplier divided by the smaller one's; geometric mean and
-  95% t interval over seeds. Below 1 the speed-up shrinks as training grows longer.
+  per seed the larger budget's total multiplier divided by the smaller one's, and (where both
+  budgets have a matched baseline) the same ratio of the FLOPs speed-ups against the matched
+  baselines; geometric mean and 95% t interval over seeds. Below 1 the speed-up shrinks as
+  training grows longer.
 """
 
 from __future__ import annotations
@@ -137,13 +139,23 @@ class ArmResult:
 
 
 @dataclass
+class BudgetTrend:
+    """The same arm at a smaller and a larger budget: per seed, the larger budget's figure over the
+    smaller's (below 1: the speed-up shrinks as training grows longer)."""
+
+    smaller: str
+    larger: str
+    multiplier: Interval | None  # effective-compute multipliers
+    speedup: Interval | None  # FLOPs speed-ups against each budget's matched baseline
+
+
+@dataclass
 class FrontierResult:
     metric: str
     frontier: Frontier
     points: list[str]  # run names of the frontier points
     arms: list[ArmResult]
-    # (arm at the smaller budget, at the larger, larger budget's multiplier / smaller's, paired by seed)
-    budget_trends: list[tuple[str, str, Interval | None]] = field(default_factory=list)
+    budget_trends: list[BudgetTrend] = field(default_factory=list)
 
 
 def sunk_flops(run) -> float | None:
@@ -226,25 +238,32 @@ def analyse_frontier(comp) -> FrontierResult | None:
             None if None in sunk or not sunk else ratio_interval(sunk),
             at_targets(g.runs, frontier, metric), paired,
             [(r.final_flops, float(r.curve(metric)[2][-1])) for r in g.runs if len(r.curve(metric)[0])], notes))
-    result = FrontierResult(metric, frontier, [r.name for r in runs], results, budget_trends(per_run))
+    matched = {row.label: {p.seed: p.speedup_flops for p in row.pairs}
+               for row in comp.rows if row.baseline_kind == "matched"}
+    result = FrontierResult(metric, frontier, [r.name for r in runs], results, budget_trends(per_run, matched))
     comp.notes.extend(summary_lines(result))
     comp.definitions.append(DEFINITION)
     return result
 
 
-def budget_trends(per_run: dict) -> list[tuple[str, str, Interval | None]]:
-    """The same arm at two budgets: per seed, the larger budget's multiplier / the smaller's."""
-    by_budget = sorted(((g.budget, label, seeds) for label, (g, seeds) in per_run.items() if g.budget),
-                       key=lambda item: item[0])
+def budget_trends(per_run: dict, matched_speedups: dict) -> list[BudgetTrend]:
+    """The same arm at two budgets, paired by seed: the larger budget's multiplier over the
+    smaller's, and its FLOPs speed-up against its matched baseline over the smaller's."""
+    by_budget = sorted(((g.budget, label) for label, (g, _) in per_run.items() if g.budget), key=lambda item: item[0])
+
+    def ratio(small: dict, large: dict) -> Interval | None:
+        ratios = [large[s] / small[s] for s in small if small[s] and large.get(s)]
+        return ratio_interval(ratios) if ratios else None
+
     trends = []
-    for i, (small_budget, small, small_seeds) in enumerate(by_budget):
-        for large_budget, large, large_seeds in by_budget[i + 1:]:
+    for i, (small_budget, small) in enumerate(by_budget):
+        for large_budget, large in by_budget[i + 1:]:
             if large_budget <= small_budget or matching.group_differences(per_run[small][0].runs,
                                                                          per_run[large][0].runs):
                 continue
-            ratios = [large_seeds[s] / small_seeds[s] for s in small_seeds
-                      if s in large_seeds and small_seeds[s] and large_seeds[s]]
-            trends.append((small, large, ratio_interval(ratios) if ratios else None))
+            speedup = (ratio(matched_speedups[small], matched_speedups[large])
+                       if small in matched_speedups and large in matched_speedups else None)
+            trends.append(BudgetTrend(small, large, ratio(per_run[small][1], per_run[large][1]), speedup))
     return trends
 
 
@@ -280,9 +299,10 @@ def summary_lines(result: FrontierResult) -> list[str]:
                      f"{fmt(arm.multiplier_sunk)} (sunk)" + ("" if arm.paired else ", unpaired (no frontier run of "
                                                                                  "some seed)")
                      + f"; at targets {targets}" + "".join(f"; {n}" for n in arm.notes))
-    for small, large, iv in result.budget_trends:
-        lines.append(f"change with budget: multiplier of {large!r} / of {small!r}, paired by seed: {fmt(iv)}"
-                     " (below 1: the speed-up shrinks as training grows longer)")
+    for t in result.budget_trends:
+        lines.append(f"change with budget, {t.larger!r} over {t.smaller!r}, paired by seed: multiplier {fmt(t.multiplier)}; "
+                     f"speed-up against the matched baseline {fmt(t.speedup)} (below 1: the speed-up shrinks as "
+                     "training grows longer)")
     return lines
 
 
@@ -307,9 +327,13 @@ def write(result: FrontierResult | None, out_dir: Path) -> list[Path]:
             w.writerow([arm.label, arm.n, *cells, arm.paired])
         if result.budget_trends:
             w.writerow([])
-            w.writerow(["smaller budget", "larger budget", "multiplier_ratio", "lo", "hi", "n"])
-            for small, large, iv in result.budget_trends:
-                w.writerow([small, large, *([f"{iv.estimate:.4g}", iv.lo, iv.hi, iv.n] if iv else ["", "", "", ""])])
+            w.writerow(["smaller budget", "larger budget", "multiplier_ratio", "lo", "hi", "n",
+                        "matched_speedup_ratio", "lo", "hi", "n"])
+            for t in result.budget_trends:
+                cells = []
+                for iv in (t.multiplier, t.speedup):
+                    cells += [f"{iv.estimate:.4g}", iv.lo, iv.hi, iv.n] if iv else ["", "", "", ""]
+                w.writerow([t.smaller, t.larger, *cells])
     return [path, plot(result, out_dir / "frontier.png")]
 
 
