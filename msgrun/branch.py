@@ -64,9 +64,9 @@ def start(cfg, run_dir: Path, budget: Budget, fingerprints: dict, log) -> tuple[
     stable_end = 1.0 - cfg.optim.decay_fraction
     found = []
     for path in reversed(checkpoint.list_checkpoints(parent)):
-        if not checkpoint.is_valid(path):
+        state, _ = checkpoint.open_checkpoint(path)
+        if state is None:
             continue
-        state = checkpoint.load(path)
         c = state["counters"]
         config = json.loads(state["config"])
         theirs = parent_budget(config).progress(c["step"], c["tokens"], c["flops"])
@@ -76,7 +76,7 @@ def start(cfg, run_dir: Path, budget: Budget, fingerprints: dict, log) -> tuple[
             check_parent(cfg, fingerprints, parent, config, state)
             copy_lines(parent, run_dir, state["log_lines"])
             record = {"run_dir": str(parent), "step": c["step"], "tokens": c["tokens"], "flops": c["flops"],
-                      "checkpoint_sha256": path.with_name(path.name + ".sha256").read_text().strip()}
+                      "checkpoint_sha256": checkpoint.checksum(path)}
             log(f"branched from {path} (step {c['step']}, {c['flops']:.3e} FLOPs)")
             return record, state
     raise ConfigError(

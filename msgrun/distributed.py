@@ -101,6 +101,38 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tupl
     return model_state, optim_state
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def optimizer_state_by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state keyed by parameter name, as it is (shards stay shards): names, not
+    the optimizer's parameter indices, survive growth and resharding."""
+    return {name: dict(optimizer.state[p]) for name, p in model.named_parameters() if optimizer.state.get(p)}
+
+
+def allocate_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                             keys: dict[str, list[str]]) -> dict:
+    """Zeroed AdamW state, shaped and sharded like each named parameter, for the parameters in
+    `keys` (what a checkpoint holds); it is installed in `optimizer` and returned by name, to be
+    filled in place (checkpoint.restore_tensors)."""
+    on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
+    out = {}
+    for name, p in model.named_parameters():
+        if name not in keys:
+            continue  # never updated yet (e.g. a layer RaPTr has not sampled): starts fresh
+        entry = {}
+        for k in keys[name]:
+            # AdamW keeps `step` as a scalar on the host unless fused or capturable
+            entry[k] = (torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu") if k == "step"
+                        else torch.zeros_like(p))
+        optimizer.state[p] = entry
+        out[name] = entry
+    return out
+
+
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Load a `full_state` optimizer state, sharding it like each parameter under FSDP. A parameter
     without saved state (never updated yet, e.g. a layer RaPTr has not sampled) starts fresh."""

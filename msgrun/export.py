@@ -342,12 +342,12 @@ def load_checkpoint(run_dir: Path, path: str | None) -> tuple[Path, dict]:
         ckpt, state = checkpoint.newest_loadable(run_dir, warn=lambda m: print(m, file=sys.stderr))
         if ckpt is None:
             raise ExportError(f"{run_dir} holds no checkpoint that loads ({checkpoint.checkpoint_dir(run_dir)}/"
-                              "step_*.pt with a matching .sha256); a run writes one at the end and after every "
+                              "step_*.pt with a matching .sha256, or step_*.dcp); a run writes one at the end and after every "
                               "growth event.")
         return ckpt, state
     ckpt = Path(path)
-    if not ckpt.is_file():
-        raise ExportError(f"--checkpoint {ckpt}: no such file.")
+    if not (ckpt.is_file() or (checkpoint.is_sharded(ckpt) and ckpt.is_dir())):
+        raise ExportError(f"--checkpoint {ckpt}: no such file (nor a sharded checkpoint directory step_N.dcp).")
     state, why = checkpoint.open_checkpoint(ckpt)
     if state is None:
         raise ExportError(f"--checkpoint {ckpt} {why}: it is not a usable msgrun checkpoint (it needs a matching "
@@ -362,7 +362,7 @@ def checkpoint_model(state: dict) -> Transformer:
             "one, and HF's BertForMaskedLM applies one hidden_act to both, so no export is exact. Retrain with the "
             "current msgrun (model.gelu=exact, the default for BERT models).")
     model = Transformer(ModelArgs(**state["model_args"]))
-    model.load_state_dict(state["model"])
+    checkpoint.restore_tensors(state, {"model": model.state_dict()})  # either format (checkpoint.py)
     return model.float().eval()
 
 

@@ -245,7 +245,7 @@ class Trainer:
         if self.cfg.train.compile:
             model.compile_units()  # each block and the head (model.py says why those units)
             self.compile_pending = True  # announced and timed by the next train_step
-        if self.dist.mode == "fsdp":
+        if self.dist.mode == "fsdp" and not distributed.is_sharded(model):  # a restored model is sharded already
             _, optim_state = distributed.full_state(model, self.optimizer)
             distributed.shard(model, self.dist)
             self.optimizer = build_adamw(model, self.cfg.train.lr, self.cfg.optim, self.device.type)
@@ -525,13 +525,21 @@ class Trainer:
         return {"data": self.corpus.data_fingerprint, "tokenizer": self.corpus.tokenizer_fingerprint}
 
     def state_dict(self) -> dict:
-        """Everything the next step depends on, as named states (a collective: every rank gathers
-        FSDP's shards and the per-rank RNG states)."""
-        model_state, optim_state = distributed.full_state(self.model, self.optimizer)
+        """Everything the next step depends on, as named states (a collective: the per-rank RNG
+        states are gathered, and outside FSDP the tensors are whole on every rank). Under FSDP
+        `model` and `optimizer` are this rank's shards (DTensors): a sharded checkpoint writes
+        them as they are."""
+        sharded = self.dist.mode == "fsdp"
+        if sharded:
+            model_state = self.model.state_dict()
+            optim_state = distributed.optimizer_state_by_name(self.model, self.optimizer)
+        else:
+            model_state, optim_state = distributed.full_state(self.model, self.optimizer)
         return {
             "model_args": dict(vars(self.model.args)),
             "model": model_state,
             "optimizer": optim_state,
+            "optimizer_keys": {name: list(entry) for name, entry in optim_state.items()},
             "lr_schedule": self.lr_schedule.state_dict(),
             "counters": {"step": self.step, "tokens": self.tokens, "flops": self.flops,
                          "wall_time": self.wall.total, "lr": self.lr},
@@ -544,13 +552,18 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a checkpoint of either format, written at any world size (checkpoint.py): the
+        model is built at the checkpoint's shape, sharded first under FSDP (so no rank holds the
+        whole of it), and its tensors and the optimizer's are filled in place."""
         model = Transformer(ModelArgs(**state["model_args"])).to(self.device)
-        model.load_state_dict(state["model"])
         self.engine.load_state_dict(state["engine"])
         self.engine.restore_ramp(model, state["engine"])
+        if self.dist.mode == "fsdp":
+            distributed.shard(model, self.dist)
         self.model = model
         self.optimizer = build_adamw(model, self.cfg.train.lr, self.cfg.optim, self.device.type)
-        distributed.load_optimizer_state(model, self.optimizer, state["optimizer"])
+        optim_targets = distributed.allocate_optimizer_state(model, self.optimizer, checkpoint.optimizer_keys(state))
+        checkpoint.restore_tensors(state, {"model": model.state_dict(), "optimizer": optim_targets})
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         c = state["counters"]
         self.step, self.tokens, self.flops, self.lr = c["step"], c["tokens"], c["flops"], c["lr"]
@@ -558,18 +571,24 @@ class Trainer:
         self.window = {**state["window"], "loss": torch.tensor(state["window"]["loss"], device=self.device)}
         self.last_val, self.last_record = state["last_val"], state["last_record"]
         self.warned_repeat = state["warned_repeat"]
-        checkpoint.load_rng_state(state, self.init_gen, self.dist.rank)
+        checkpoint.load_rng_state(state, self.init_gen, self.dist, self.cfg.train.seed)
 
     def save_checkpoint(self) -> Path:
         """Checkpoint the current step (once per step: a signal right after a scheduled save
-        writes nothing new); every rank gathers, rank 0 writes."""
-        path = checkpoint.checkpoint_path(self.run_dir, self.step)
+        writes nothing new). FSDP: every rank writes its shards; otherwise every rank gathers and
+        rank 0 writes one file."""
+        sharded = self.dist.mode == "fsdp"
+        path = checkpoint.checkpoint_path(self.run_dir, self.step, sharded)
         if self.saved_step == self.step:
             return path
         state = self.state_dict()
         self.saved_step, self.last_save_time = self.step, time.monotonic()
-        if self.is_main:
-            checkpoint.save(self.run_dir, self.step, state, self.cfg.train.keep_checkpoints)
+        keep = self.cfg.train.keep_checkpoints
+        if sharded:
+            tensors = {"model": state.pop("model"), "optimizer": state.pop("optimizer")}
+            checkpoint.save_sharded(self.run_dir, self.step, state, tensors, keep, self.dist)
+        elif self.is_main:
+            checkpoint.save(self.run_dir, self.step, state, keep)
         return path
 
     # ------------------------------------------------------------------ summary
