@@ -107,9 +107,22 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Register FSDP2's sharded parameters again. After a forward without backward (an
+    evaluation, the growth probe) the root keeps its gathered parameters registered under their
+    names, and those are not the tensors the optimizer holds; state_dict() reshards by itself,
+    named_parameters() does not."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def optimizer_state_by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer's state keyed by parameter name, as it is (shards stay shards): names, not
     the optimizer's parameter indices, survive growth and resharding."""
+    reshard(model)
     return {name: dict(optimizer.state[p]) for name, p in model.named_parameters() if optimizer.state.get(p)}
 
 

@@ -33,6 +33,7 @@ from msgrun.evaluate import Downstream
 from msgrun.flops import train_flops
 from msgrun.growth.engine import GrowthEngine, probe
 from msgrun.growth.masks import masked_modules
+from msgrun.growth.sharded import unsupported as unsharded_reason
 from msgrun.model import ModelArgs, Transformer
 from msgrun.optim import LRSchedule, annealing_warning, build_adamw, set_lr, warmup_warning
 from msgrun.preflight import describe as describe_preflight
@@ -486,9 +487,18 @@ class Trainer:
         before = probe(self.model, self.probe_batch, self.device, self.engine.pool)
         with self.wall:
             t0 = time.perf_counter()
-            self._unwrap()
+            sharded = None
+            if self.dist.mode == "fsdp":
+                why = unsharded_reason(self.engine.operator, stage)
+                if why is None:
+                    sharded = self.dist  # one parameter at a time, never gathered (growth/sharded.py)
+                else:
+                    self.console.print(f"growth event {stage.index}: the whole model and optimizer state are gathered "
+                                       f"on every rank for this event, because {why} (docs/scale.md)")
+            if sharded is None:
+                self._unwrap()
             old_model = self.model
-            result = self.engine.grow(old_model, self.optimizer, stage, self.init_gen, self.step)
+            result = self.engine.grow(old_model, self.optimizer, stage, self.init_gen, self.step, dist=sharded)
             self.model, self.optimizer = result.model, result.optimizer
             self.lr_schedule.on_growth(self.engine.operator.cfg.lr_policy, self.step, self.progress())
             self._wrap()

@@ -165,6 +165,15 @@ SLOW = {
         "test_resume_at_another_world_size_mid_ramp[2to1]",
         "test_resume_at_another_world_size_mid_ramp[2to2]",
     ),
+    "tests/test_sharded_growth.py": (
+        "test_a_method_that_rewrites_the_whole_model_says_why_it_gathers",
+        "test_sharded_growth_equals_single_process_growth[bert2bert-width]",
+        "test_sharded_growth_equals_single_process_growth[llama_pro-layers]",
+        "test_sharded_growth_equals_single_process_growth[msg-ffn]",
+        "test_sharded_growth_equals_single_process_growth[msg-heads]",
+        "test_sharded_growth_equals_single_process_growth[msg-hidden]",
+        "test_sharded_growth_equals_single_process_growth[msg-layers]",
+    ),
     "tests/test_shards.py": (
         "test_cli_empty_glob_is_one_paragraph_exit_2",
     ),

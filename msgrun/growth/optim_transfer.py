@@ -44,19 +44,31 @@ def transfer_adamw(old_opt: torch.optim.Optimizer, old_model: torch.nn.Module, n
         return new_opt
     old_state = {name: old_opt.state[p] for name, p in old_model.named_parameters() if old_opt.state.get(p)}
     for name, p in new_model.named_parameters():
-        layer = re.match(r"^blocks\.(\d+)\.", name)
-        if layer and int(layer.group(1)) in fresh_layers:
+        if in_layers(name, fresh_layers):
             continue
         origin = origins[name]
-        src = old_state.get(origin.source) if origin.source else None
-        like = old_state.get(origin.like) if origin.like else None
-        if src is None and like is None:
-            continue
-        zeros = torch.zeros_like(p)
-        v_fill = zeros if op_cfg.new_moments == "zero" else torch.full_like(p, (src or like)["exp_avg_sq"].mean().item())
-        new_opt.state[p] = {
-            "step": (src or like)["step"].clone(),
-            "exp_avg": transplant(src["exp_avg"], origin, zeros, of="moment") if src else zeros,
-            "exp_avg_sq": transplant(src["exp_avg_sq"], origin, v_fill, value_power=2, of="moment") if src else v_fill,
-        }
+        state = moved_state(p, origin, old_state.get(origin.source) if origin.source else None,
+                            old_state.get(origin.like) if origin.like else None, op_cfg)
+        if state is not None:
+            new_opt.state[p] = state
     return new_opt
+
+
+def in_layers(name: str, layers: set[int]) -> bool:
+    layer = re.match(r"^blocks\.(\d+)\.", name)
+    return bool(layer) and int(layer.group(1)) in layers
+
+
+def moved_state(p: torch.Tensor, origin: Origin, src: dict | None, like: dict | None, op_cfg) -> dict | None:
+    """The AdamW state of one new parameter shaped like `p`, from its source's state `src` and a
+    like-shaped old parameter's state `like` (None: no state). The one rule, for the whole-model
+    transfer above and the sharded growth (growth/sharded.py, on one gathered parameter)."""
+    if src is None and like is None:
+        return None
+    zeros = torch.zeros_like(p)
+    v_fill = zeros if op_cfg.new_moments == "zero" else torch.full_like(p, (src or like)["exp_avg_sq"].mean().item())
+    return {
+        "step": (src or like)["step"].clone(),
+        "exp_avg": transplant(src["exp_avg"], origin, zeros, of="moment") if src else zeros,
+        "exp_avg_sq": transplant(src["exp_avg_sq"], origin, v_fill, value_power=2, of="moment") if src else v_fill,
+    }
