@@ -160,6 +160,7 @@ SLOW = {
         "test_gstack_with_a_non_integer_start_depth_exits_with_code_2",
     ),
     "tests/test_sharded_checkpoint.py": (
+        "test_export_from_a_two_rank_sharded_checkpoint",
         "test_resume_at_another_world_size_mid_ramp[1to2]",
         "test_resume_at_another_world_size_mid_ramp[2to1-fsdp]",
         "test_resume_at_another_world_size_mid_ramp[2to1]",

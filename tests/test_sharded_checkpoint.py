@@ -188,3 +188,22 @@ def test_resume_at_another_world_size_mid_ramp(tmp_path, cache_dir, uninterrupte
                                                                             pytest.approx(2 / 3), None]
     written = [p for p in checkpoint.list_checkpoints(tmp_path / "run") if checkpoint.checkpoint_step(p) > RESUME_AT]
     assert written and all(checkpoint.is_sharded(p) == (resumed[1] == "fsdp") for p in written)
+
+
+def test_export_from_a_two_rank_sharded_checkpoint(uninterrupted, tmp_path):
+    """msgrun-export streams the newest checkpoint of a 2-rank FSDP run (each rank's shard file
+    read for its byte ranges) into safetensors shards that transformers loads with msgrun's logits."""
+    transformers = pytest.importorskip("transformers")
+    from msgrun.export import checkpoint_model, export_run
+
+    run_dir = uninterrupted["fsdp2"]
+    newest = checkpoint.list_checkpoints(run_dir)[-1]
+    assert checkpoint.is_sharded(newest) and len(list(newest.glob("__*_0.distcp"))) == 2
+    info = export_run(run_dir, tmp_path / "hf", max_shard_bytes=100_000)
+    assert info["shards"] > 1 and info["checkpoint"] == str(newest.absolute())
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ours = checkpoint_model(checkpoint.load(newest))
+    ids = torch.randint(0, ours.args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (hf(input_ids=ids).logits - ours(ids)).abs().max().item()
+    assert diff < 1e-4
