@@ -176,6 +176,34 @@ def shard(model: torch.nn.Module, dist: Dist) -> None:
     fully_shard(model, mp_policy=mp)
 
 
+def shard_with_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dist: Dist, lr: float,
+                         optim_cfg) -> torch.optim.Optimizer:
+    """Shard a plain model in place and return an optimizer over its shards holding the plain
+    optimizer's state, each rank its shard of it."""
+    from msgrun.optim import build_adamw
+
+    _, optim_state = full_state(model, optimizer)
+    shard(model, dist)
+    sharded_opt = build_adamw(model, lr, optim_cfg, dist.device.type)
+    load_optimizer_state(model, sharded_opt, optim_state)
+    return sharded_opt
+
+
+def gather_plain(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr: float, optim_cfg):
+    """The whole model and optimizer state as a plain model and optimizer, on every rank (a
+    collective): what a growth method that cannot work shard by shard needs (growth/sharded.py)."""
+    from msgrun.model import Transformer
+    from msgrun.optim import build_adamw
+
+    device = next(model.parameters()).device
+    model_state, optim_state = full_state(model, optimizer)
+    plain = Transformer(model.args).to(device)
+    plain.load_state_dict(model_state)
+    plain_opt = build_adamw(plain, lr, optim_cfg, device.type)
+    load_optimizer_state(plain, plain_opt, optim_state)
+    return plain, plain_opt
+
+
 def wrap(model: torch.nn.Module, dist: Dist, find_unused: bool = False) -> torch.nn.Module:
     """What the training step calls. DDP needs `find_unused` when steps skip layers (RaPTr);
     FSDP2 shards in place (see `shard`), so the module itself is called."""

@@ -142,9 +142,8 @@ class Trainer:
 
     def _run(self) -> dict:
         cfg = self.cfg
-        if cfg.train.preflight and self.dist.mode != "fsdp":  # before the run directory is touched
-            self.preflight = run_preflight(self.engine, cfg, self.device, self.dist.world_size, self.make_batch,
-                                           self.autocast)
+        if cfg.train.preflight:  # before the run directory is touched
+            self.preflight = run_preflight(self.engine, cfg, self.device, self.dist, self.make_batch, self.autocast)
         self.engine.operator.fit_data = self.fit_batches  # LiGO fits on data (not in the pre-flight)
         state = checkpoint.prepare_run_dir(self.run_dir, config_json(cfg), self.fingerprints(), self.dist,
                                            self.console.print)
@@ -246,11 +245,9 @@ class Trainer:
         if self.cfg.train.compile:
             model.compile_units()  # each block and the head (model.py says why those units)
             self.compile_pending = True  # announced and timed by the next train_step
-        if self.dist.mode == "fsdp" and not distributed.is_sharded(model):  # a restored model is sharded already
-            _, optim_state = distributed.full_state(model, self.optimizer)
-            distributed.shard(model, self.dist)
-            self.optimizer = build_adamw(model, self.cfg.train.lr, self.cfg.optim, self.device.type)
-            distributed.load_optimizer_state(model, self.optimizer, optim_state)
+        if self.dist.mode == "fsdp" and not distributed.is_sharded(model):  # restored and grown models are sharded
+            self.optimizer = distributed.shard_with_optimizer(model, self.optimizer, self.dist, self.cfg.train.lr,
+                                                              self.cfg.optim)
         self.train_model = distributed.wrap(model, self.dist, find_unused=self.engine.operator.paths)
 
     def _unwrap(self) -> None:
@@ -258,12 +255,8 @@ class Trainer:
         rank, so growth operators and the provenance transfer see whole tensors."""
         if self.dist.mode != "fsdp":
             return
-        model_state, optim_state = distributed.full_state(self.model, self.optimizer)
-        plain = Transformer(self.model.args).to(self.device)
-        plain.load_state_dict(model_state)
-        optimizer = build_adamw(plain, self.cfg.train.lr, self.cfg.optim, self.device.type)
-        distributed.load_optimizer_state(plain, optimizer, optim_state)
-        self.model, self.optimizer = plain, optimizer
+        self.model, self.optimizer = distributed.gather_plain(self.model, self.optimizer, self.cfg.train.lr,
+                                                              self.cfg.optim)
 
     # ------------------------------------------------------------------ the loop
     def loop(self) -> None:

@@ -52,6 +52,10 @@ def test_two_processes_match_one(tmp_path, cache_dir, single, mode, extra):
     growth = read_jsonl(tmp_path / "run" / "growth.jsonl")
     assert len(growth) == len(ref_growth) == 2
     assert all(g["max_abs_logit_diff"] <= 1e-5 for g in growth)
+    if mode == "fsdp":  # the pre-flight replayed the last event as the run grows: on the shards
+        import json
+
+        assert json.loads((tmp_path / "run" / "summary.json").read_text())["preflight"]["growth"] == "sharded"
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

@@ -162,7 +162,11 @@ class GrowthEngine:
         before, after = self.shape, stage.target
         fpt_before = self.flops_per_step(before) / self.budget.tokens_per_step
         if dist is not None:
-            grown_model, new_opt, grown, seconds = self.build_grown_sharded(model, optimizer, stage, gen, step, dist)
+            alpha = torch.zeros((), device=dist.device)
+            grown_model, new_opt, grown, seconds = self.build_grown_sharded(model, optimizer, stage, gen, dist, alpha)
+            if grown is not None and (grown.new_units or any(grown.new_layers)):  # installed before sharding
+                self.ramp = Ramp(stage.index, step, self.ramp_steps, alpha, grown_model,
+                                 int(self.operator.cfg.ramp_start == "increment"))
         else:
             grown_model, new_opt, grown, seconds = self.build_grown(model, optimizer, stage, gen)
         if self.paths is not None:
@@ -195,9 +199,10 @@ class GrowthEngine:
                                  model_device(model).type, fresh_layers=fresh)
         return grown.model, new_opt, grown, (t1 - t0, time.perf_counter() - t1)
 
-    def build_grown_sharded(self, model, optimizer, stage: Stage, gen: torch.Generator, step: int, dist):
-        """build_grown for an FSDP2 model, one parameter at a time (growth/sharded.py); the masks
-        go in before the new model is sharded, as they do when a plain model is wrapped."""
+    def build_grown_sharded(self, model, optimizer, stage: Stage, gen: torch.Generator, dist, alpha: torch.Tensor):
+        """build_grown for an FSDP2 model, one parameter at a time (growth/sharded.py); the event's
+        masks (sharing `alpha`) go in before the new model is sharded, as they do when a plain
+        model is wrapped. Changes nothing in the engine (the pre-flight calls it too)."""
         from msgrun.growth.sharded import grow_sharded
 
         t0 = time.perf_counter()
@@ -210,7 +215,7 @@ class GrowthEngine:
             new_units, new_layers = self.operator.mask_plan(model.args, new_model.args)
             marks.update(new_units=new_units, new_layers=new_layers)
             if new_units or any(new_layers):
-                self.install_ramp(new_model, new_units, new_layers, stage.index, step, device=dist.device)
+                install_masks(new_model, alpha, new_units, new_layers, self.operator.cfg.mask_placement)
 
         grown_model, new_opt, plan = grow_sharded(self.operator, model, optimizer, stage.target, self.final_args, gen,
                                                   dist, optimizer.param_groups[0]["lr"], self.cfg.optim, install)
@@ -227,8 +232,8 @@ class GrowthEngine:
     def shape_before(self, stage: Stage) -> Shape:
         return self.stages[stage.index - 1].target if stage.index > 0 else self.start
 
-    def install_ramp(self, model, new_units, new_layers, stage_index: int, step: int, device=None) -> None:
-        alpha = torch.zeros((), device=device or model_device(model))
+    def install_ramp(self, model, new_units, new_layers, stage_index: int, step: int) -> None:
+        alpha = torch.zeros((), device=model_device(model))
         install_masks(model, alpha, new_units, new_layers, self.operator.cfg.mask_placement)
         first = int(self.operator.cfg.ramp_start == "increment")
         self.ramp = Ramp(stage_index, step, self.ramp_steps, alpha, model, first)
