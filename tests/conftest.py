@@ -69,6 +69,7 @@ def _deterministic():
 SLOW = {
     "tests/test_bench.py": (
         "test_gpu_goals_report_runs_and_writes_every_table",
+        "test_sharded_growth_bench_prints_both_ways_per_rank",
         "test_throughput_script_prints_the_comparison",
     ),
     "tests/test_bench_data.py": (
