@@ -61,14 +61,24 @@ def in_layers(name: str, layers: set[int]) -> bool:
 
 def moved_state(p: torch.Tensor, origin: Origin, src: dict | None, like: dict | None, op_cfg) -> dict | None:
     """The AdamW state of one new parameter shaped like `p`, from its source's state `src` and a
-    like-shaped old parameter's state `like` (None: no state). The one rule, for the whole-model
-    transfer above and the sharded growth (growth/sharded.py, on one gathered parameter)."""
+    like-shaped old parameter's state `like` (None: no state)."""
     if src is None and like is None:
         return None
+    stats = (src or like)["exp_avg_sq"]
+    return {"step": (src or like)["step"].clone(),
+            **{key: moved_moment(key, p, origin, src[key] if src else None, stats, op_cfg)
+               for key in ("exp_avg", "exp_avg_sq")}}
+
+
+def moved_moment(key: str, p: torch.Tensor, origin: Origin, src: torch.Tensor | None, stats: torch.Tensor | None,
+                 op_cfg) -> torch.Tensor:
+    """One moment (`exp_avg` or `exp_avg_sq`) of a new parameter shaped like `p`: the source's
+    moment `src` moved by provenance; entries without a source zero or, for the second moment
+    under operator.new_moments=mean, the mean of `stats` (the source's second moment, or a
+    like-shaped parameter's). The one rule, for the whole-model transfer above and the sharded
+    growth (growth/sharded.py), which moves one moment of one gathered parameter at a time."""
     zeros = torch.zeros_like(p)
-    v_fill = zeros if op_cfg.new_moments == "zero" else torch.full_like(p, (src or like)["exp_avg_sq"].mean().item())
-    return {
-        "step": (src or like)["step"].clone(),
-        "exp_avg": transplant(src["exp_avg"], origin, zeros, of="moment") if src else zeros,
-        "exp_avg_sq": transplant(src["exp_avg_sq"], origin, v_fill, value_power=2, of="moment") if src else v_fill,
-    }
+    if key == "exp_avg":
+        return transplant(src, origin, zeros, of="moment") if src is not None else zeros
+    fill = zeros if op_cfg.new_moments == "zero" else torch.full_like(p, stats.mean().item())
+    return transplant(src, origin, fill, value_power=2, of="moment") if src is not None else fill

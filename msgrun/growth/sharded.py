@@ -12,7 +12,7 @@ one parameter group: about (old + new state) / world size + the largest paramete
 Exactness: every rank draws the same numbers as the whole-model growth in the same order (the
 operator's plan first, then each new parameter's fresh init in parameter order, then each copying
 dimension's symmetry noise in parameter order), so the grown model equals the single-process one
-bit for bit, and the moments follow the same rule (optim_transfer.moved_state).
+bit for bit, and the moments follow the same rule (optim_transfer.moved_moment).
 
 A method that changes the grown model as a whole after the transplant (its `finish` hook: AKI,
 LEMON, G_zero, mixture router ties; or LiGO, which builds the model itself) cannot be split
@@ -29,7 +29,7 @@ from msgrun import distributed
 from msgrun.growth.copying import add_symmetry_noise, consumes, copy_groups
 from msgrun.growth.expansion import OUTPUT_PROJECTIONS
 from msgrun.growth.masks import MASK_ATTRS
-from msgrun.growth.optim_transfer import in_layers, moved_state
+from msgrun.growth.optim_transfer import in_layers, moved_moment
 from msgrun.growth.surgery import UNIT_DIMS, Origin, axis_map, layer_source_name, parameter_axes, sibling_name, transplant, \
     unit_size
 from msgrun.model import Transformer, init_std, rope_cache
@@ -51,15 +51,14 @@ def unsupported(operator, stage) -> str | None:
 
 
 def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of `full`, laid out as the DTensor `like`. Every rank computed the same
-    `full`, so nothing is sent (src_data_rank=None)."""
-    from torch.distributed.tensor import distribute_tensor
+    """This rank's shard of `full`, laid out as the DTensor `like`, in storage of its own (a view
+    would keep the whole of `full` alive). Every rank computed the same `full`, so nothing is
+    sent (src_data_rank=None)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
-    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
-
-
-def gathered_state(state: dict | None) -> dict | None:
-    return None if state is None else {k: distributed.full_tensor(v) for k, v in state.items()}
+    view = distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+    return DTensor.from_local(view.to_local().clone(), like.device_mesh, like.placements, run_check=False,
+                              shape=view.shape, stride=view.stride())
 
 
 @torch.no_grad()
@@ -112,13 +111,21 @@ def grow_sharded(operator, old_model: Transformer, old_opt, target, final, gen: 
         del old, full
         if operator.cfg.optimizer_state == "reset" or in_layers(name, fresh):
             continue
-        src = gathered_state(old_state.get(origin.source)) if origin.source else None
-        like = gathered_state(old_state.get(origin.like)) if src is None and origin.like else None
-        state = moved_state(torch.empty(p.shape, device=device), origin, src, like, operator.cfg)
-        if state is not None:
-            if not on_device:  # AdamW keeps `step` on the host unless fused or capturable
-                state["step"] = state["step"].cpu()
-            optimizer.state[p] = {k: v if k == "step" else shard_like(v, p) for k, v in state.items()}
+        src = old_state.get(origin.source) if origin.source else None
+        like = old_state.get(origin.like) if src is None and origin.like else None
+        if src is None and like is None:
+            continue
+        # one moment of one parameter at a time: gathered, moved, sharded, freed
+        step = (src or like)["step"].clone()
+        state = {"step": step if on_device else step.cpu()}  # AdamW keeps `step` on the host unless fused
+        for key in ("exp_avg", "exp_avg_sq"):
+            moment = distributed.full_tensor(src[key]) if src is not None else None
+            needs_stats = key == "exp_avg_sq" and operator.cfg.new_moments != "zero"
+            stats = moment if src is not None else (distributed.full_tensor(like[key]) if needs_stats else None)
+            moved = moved_moment(key, torch.empty(p.shape, device=device), origin, moment, stats, operator.cfg)
+            state[key] = shard_like(moved, p)
+            del moment, stats, moved
+        optimizer.state[p] = state
 
     # after every transplant, as in GrowthOperator.grow: each copying dimension's noise, then the
     # identity entry's zeroed output projections (which may carry noise before they are zeroed)
