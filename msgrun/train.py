@@ -510,6 +510,8 @@ class Trainer:
             "flops_per_token_after": result.flops_per_token_after,
             "operator_flops": result.operator_flops,
         }
+        if self.dist.mode == "fsdp":  # which way the event ran (docs/scale.md, sharded growth)
+            record["fsdp_growth"] = "sharded" if sharded is not None else "gathered"
         self.flops += result.operator_flops  # training compute (LiGO's fitting), already inside wall_time
         del old_model
         if self.is_main:

@@ -52,9 +52,10 @@ def test_two_processes_match_one(tmp_path, cache_dir, single, mode, extra):
     growth = read_jsonl(tmp_path / "run" / "growth.jsonl")
     assert len(growth) == len(ref_growth) == 2
     assert all(g["max_abs_logit_diff"] <= 1e-5 for g in growth)
-    if mode == "fsdp":  # the pre-flight replayed the last event as the run grows: on the shards
+    if mode == "fsdp":  # both events grew on the shards, and so did the pre-flight's replay
         import json
 
+        assert [g["fsdp_growth"] for g in growth] == ["sharded", "sharded"]
         assert json.loads((tmp_path / "run" / "summary.json").read_text())["preflight"]["growth"] == "sharded"
 
 
