@@ -82,9 +82,9 @@ def choose(cfg, budget: Budget, fingerprints: dict) -> tuple[dict, dict]:
     stable_end = 1.0 - cfg.optim.decay_fraction
     found = []
     for path in reversed(checkpoint.list_checkpoints(parent)):
-        if not checkpoint.is_valid(path):
+        state, _ = checkpoint.open_checkpoint(path)
+        if state is None:
             continue
-        state = checkpoint.load(path)
         c = state["counters"]
         config = json.loads(state["config"])
         theirs = parent_budget(config).progress(c["step"], c["tokens"], c["flops"])
@@ -93,7 +93,7 @@ def choose(cfg, budget: Budget, fingerprints: dict) -> tuple[dict, dict]:
         if theirs <= stable_end and mine <= stable_end:
             check_parent(cfg, fingerprints, parent, config, state)
             record = {"run_dir": str(parent), "step": c["step"], "tokens": c["tokens"], "flops": c["flops"],
-                      "checkpoint_sha256": path.with_name(path.name + ".sha256").read_text().strip()}
+                      "checkpoint_sha256": checkpoint.checksum(path)}
             return record, state
     raise ConfigError(
         f"train.branch_from={parent}: no checkpoint there lies before both the parent's and this run's decay "

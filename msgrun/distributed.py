@@ -101,6 +101,51 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tupl
     return model_state, optim_state
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Register FSDP2's sharded parameters again. After a forward without backward (an
+    evaluation, the growth probe) the root keeps its gathered parameters registered under their
+    names, and those are not the tensors the optimizer holds; state_dict() reshards by itself,
+    named_parameters() does not."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def optimizer_state_by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state keyed by parameter name, as it is (shards stay shards): names, not
+    the optimizer's parameter indices, survive growth and resharding."""
+    reshard(model)
+    return {name: dict(optimizer.state[p]) for name, p in model.named_parameters() if optimizer.state.get(p)}
+
+
+def allocate_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                             keys: dict[str, list[str]]) -> dict:
+    """Zeroed AdamW state, shaped and sharded like each named parameter, for the parameters in
+    `keys` (what a checkpoint holds); it is installed in `optimizer` and returned by name, to be
+    filled in place (checkpoint.restore_tensors)."""
+    on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
+    out = {}
+    for name, p in model.named_parameters():
+        if name not in keys:
+            continue  # never updated yet (e.g. a layer RaPTr has not sampled): starts fresh
+        entry = {}
+        for k in keys[name]:
+            # AdamW keeps `step` as a scalar on the host unless fused or capturable
+            entry[k] = (torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu") if k == "step"
+                        else torch.zeros_like(p))
+        optimizer.state[p] = entry
+        out[name] = entry
+    return out
+
+
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Load a `full_state` optimizer state, sharding it like each parameter under FSDP. A parameter
     without saved state (never updated yet, e.g. a layer RaPTr has not sampled) starts fresh."""
@@ -129,6 +174,34 @@ def shard(model: torch.nn.Module, dist: Dist) -> None:
     for block in model.blocks:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+
+
+def shard_with_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dist: Dist, lr: float,
+                         optim_cfg) -> torch.optim.Optimizer:
+    """Shard a plain model in place and return an optimizer over its shards holding the plain
+    optimizer's state, each rank its shard of it."""
+    from msgrun.optim import build_adamw
+
+    _, optim_state = full_state(model, optimizer)
+    shard(model, dist)
+    sharded_opt = build_adamw(model, lr, optim_cfg, dist.device.type)
+    load_optimizer_state(model, sharded_opt, optim_state)
+    return sharded_opt
+
+
+def gather_plain(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr: float, optim_cfg):
+    """The whole model and optimizer state as a plain model and optimizer, on every rank (a
+    collective): what a growth method that cannot work shard by shard needs (growth/sharded.py)."""
+    from msgrun.model import Transformer
+    from msgrun.optim import build_adamw
+
+    device = next(model.parameters()).device
+    model_state, optim_state = full_state(model, optimizer)
+    plain = Transformer(model.args).to(device)
+    plain.load_state_dict(model_state)
+    plain_opt = build_adamw(plain, lr, optim_cfg, device.type)
+    load_optimizer_state(plain, plain_opt, optim_state)
+    return plain, plain_opt
 
 
 def wrap(model: torch.nn.Module, dist: Dist, find_unused: bool = False) -> torch.nn.Module:

@@ -42,6 +42,7 @@ from msgrun.extras import install_hint
 from msgrun.model import ModelArgs, Transformer, padded_vocab
 
 EXPORT_INFO = "msgrun_export.json"
+SHARD_BYTES = 5 * 10**9  # a streamed export's largest safetensors file (transformers' own default)
 
 
 class ExportError(MsgrunError):
@@ -152,9 +153,12 @@ def hf_config(args: ModelArgs, special: dict):
                          attention_probs_dropout_prob=args.dropout, initializer_range=args.init_std, **common)
 
 
-def hf_state(args: ModelArgs, sd: dict) -> dict:
-    """msgrun's state dict under the HF class's parameter names (new tensors; `sd` is untouched)."""
+def hf_state(args: ModelArgs, sd: dict, layers=None, ends: bool = True) -> dict:
+    """msgrun's state dict under the HF class's parameter names (new tensors; `sd` is untouched).
+    `layers` (default all) and `ends` (embeddings, final norm, head) select a part, so a streamed
+    export (`write_streamed`) converts one block at a time from a `sd` holding only that block."""
     arch = hf_architecture(args)
+    layers = range(args.layers) if layers is None else layers
     W, F = args.attn_width, args.ffn
     out = {}
 
@@ -165,9 +169,10 @@ def hf_state(args: ModelArgs, sd: dict) -> dict:
         return sd[key] if key in sd else torch.zeros(width)
 
     if arch == "GPT2LMHeadModel":
-        put("transformer.wte.weight", sd["tok_emb.weight"])
-        put("transformer.wpe.weight", sd["pos_emb.weight"])
-        for i in range(args.layers):
+        if ends:
+            put("transformer.wte.weight", sd["tok_emb.weight"])
+            put("transformer.wpe.weight", sd["pos_emb.weight"])
+        for i in layers:
             b, h = f"blocks.{i}.", f"transformer.h.{i}."
             for src, dst, width in (("attn_norm", "ln_1", args.hidden), ("mlp_norm", "ln_2", args.hidden)):
                 put(h + dst + ".weight", sd[b + src + ".weight"])
@@ -176,13 +181,15 @@ def hf_state(args: ModelArgs, sd: dict) -> dict:
                                     ("mlp.fc", "mlp.c_fc", F), ("mlp.proj", "mlp.c_proj", args.hidden)):
                 put(h + dst + ".weight", sd[b + src + ".weight"].t())  # Conv1D: (in, out)
                 put(h + dst + ".bias", bias(b + src + ".bias", width))
-        put("transformer.ln_f.weight", sd["final_norm.weight"])
-        put("transformer.ln_f.bias", bias("final_norm.bias", args.hidden))
-        put("lm_head.weight", sd["lm_head.weight"])
+        if ends:
+            put("transformer.ln_f.weight", sd["final_norm.weight"])
+            put("transformer.ln_f.bias", bias("final_norm.bias", args.hidden))
+            put("lm_head.weight", sd["lm_head.weight"])
         return out
     if arch in ("LlamaForCausalLM", "MixtralForCausalLM"):
-        put("model.embed_tokens.weight", sd["tok_emb.weight"])
-        for i in range(args.layers):
+        if ends:
+            put("model.embed_tokens.weight", sd["tok_emb.weight"])
+        for i in layers:
             b, h = f"blocks.{i}.", f"model.layers.{i}."
             put(h + "input_layernorm.weight", sd[b + "attn_norm.weight"])
             put(h + "post_attention_layernorm.weight", sd[b + "mlp_norm.weight"])
@@ -203,16 +210,18 @@ def hf_state(args: ModelArgs, sd: dict) -> dict:
                     put(h + dst + ".weight", sd[b + src + ".weight"][lo:hi])
                     if args.bias:
                         put(h + dst + ".bias", sd[b + src + ".bias"][lo:hi])
-        put("model.norm.weight", sd["final_norm.weight"])
-        put("lm_head.weight", sd["lm_head.weight"])
+        if ends:
+            put("model.norm.weight", sd["final_norm.weight"])
+            put("lm_head.weight", sd["lm_head.weight"])
         return out
     e = "bert.embeddings."
-    put(e + "word_embeddings.weight", sd["tok_emb.weight"])
-    put(e + "position_embeddings.weight", sd["pos_emb.weight"])
-    put(e + "token_type_embeddings.weight", torch.zeros(1, args.hidden))  # msgrun has no token types
-    put(e + "LayerNorm.weight", sd["emb_norm.weight"])
-    put(e + "LayerNorm.bias", bias("emb_norm.bias", args.hidden))
-    for i in range(args.layers):
+    if ends:
+        put(e + "word_embeddings.weight", sd["tok_emb.weight"])
+        put(e + "position_embeddings.weight", sd["pos_emb.weight"])
+        put(e + "token_type_embeddings.weight", torch.zeros(1, args.hidden))  # msgrun has no token types
+        put(e + "LayerNorm.weight", sd["emb_norm.weight"])
+        put(e + "LayerNorm.bias", bias("emb_norm.bias", args.hidden))
+    for i in layers:
         b, h = f"blocks.{i}.", f"bert.encoder.layer.{i}."
         qkv_w = sd[b + "attn.qkv.weight"]
         qkv_b = bias(b + "attn.qkv.bias", 3 * W)
@@ -225,6 +234,8 @@ def hf_state(args: ModelArgs, sd: dict) -> dict:
                                 ("mlp_norm", "output.LayerNorm", args.hidden)):
             put(h + dst + ".weight", sd[b + src + ".weight"])
             put(h + dst + ".bias", bias(b + src + ".bias", width))
+    if not ends:
+        return out
     p = "cls.predictions."
     put(p + "transform.dense.weight", sd["mlm_head.dense.weight"])
     put(p + "transform.dense.bias", bias("mlm_head.dense.bias", args.hidden))
@@ -252,11 +263,74 @@ def to_hf(args: ModelArgs, state: dict, special: dict):
     if args.tie_embeddings:
         hf.tie_weights()
     if config.architectures[0] != "BertForMaskedLM":
-        # no max_length: generate(max_new_tokens=...) would warn that both are set on every call, and
-        # the context limit is already config.json's (n_positions / max_position_embeddings)
-        hf.generation_config = tf.GenerationConfig(bos_token_id=special["eot"], eos_token_id=special["eot"],
-                                                   pad_token_id=special["pad"])
+        hf.generation_config = generation_config(special)
     return hf
+
+
+def generation_config(special: dict):
+    """Causal models' generation defaults. No max_length: generate(max_new_tokens=...) would warn
+    that both are set on every call, and the context limit is already config.json's."""
+    import transformers as tf
+
+    return tf.GenerationConfig(bos_token_id=special["eot"], eos_token_id=special["eot"], pad_token_id=special["pad"])
+
+
+# HF parameters the class ties to the input embedding under tie_word_embeddings: a streamed export
+# writes the embedding once and lets from_pretrained tie the head to it
+TIED_HEAD = {"GPT2LMHeadModel": "lm_head.weight", "LlamaForCausalLM": "lm_head.weight",
+             "MixtralForCausalLM": "lm_head.weight", "BertForMaskedLM": "cls.predictions.decoder.weight"}
+INDEX = "model.safetensors.index.json"  # what from_pretrained reads for a sharded safetensors model
+
+
+def model_parts(args: ModelArgs) -> list[tuple[dict, list[int], bool]]:
+    """The export's units: the ends (embeddings, final norm, head), then each block; per unit its
+    msgrun tensors' shapes, its layers and whether it is the ends (hf_state's arguments)."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
+    ends = {k: v for k, v in shapes.items() if not k.startswith("blocks.")}
+    return [(ends, [], True)] + [({k: v for k, v in shapes.items() if k.startswith(f"blocks.{i}.")}, [i], False)
+                                 for i in range(args.layers)]
+
+
+def write_streamed(args: ModelArgs, state: dict, folder: Path, max_shard_bytes: int) -> tuple[int, int]:
+    """Write the HF weights of a checkpoint (either format) as safetensors shards with an index,
+    reading one unit (model_parts) at a time: memory holds one unit and one shard being filled,
+    never the model. Returns the number of shard files and the bytes written."""
+    from safetensors.torch import save_file
+
+    tied = TIED_HEAD[hf_architecture(args)] if args.tie_embeddings else None
+    written, pending, size, total = [], {}, 0, 0
+
+    def flush():
+        name = f".part-{len(written)}.safetensors"  # renamed once the count is known
+        save_file(pending, str(folder / name), metadata={"format": "pt"})
+        written.append((name, list(pending)))
+        pending.clear()
+
+    for shapes, layers, ends in model_parts(args):
+        sd = {k: torch.empty(shape) for k, shape in shapes.items()}
+        checkpoint.restore_tensors(state, {"model": sd})  # this unit only; DCP reads only its bytes
+        part = hf_state(args, sd, layers=layers, ends=ends)
+        del sd
+        part.pop(tied, None)
+        for name, t in part.items():
+            nbytes = t.numel() * t.element_size()
+            if pending and size + nbytes > max_shard_bytes:
+                flush()
+                size = 0
+            pending[name] = t
+            size += nbytes
+            total += nbytes
+    if pending:
+        flush()
+    weight_map = {}
+    for j, (name, keys) in enumerate(written):
+        final = f"model-{j + 1:05d}-of-{len(written):05d}.safetensors"
+        os.replace(folder / name, folder / final)
+        weight_map.update({k: final for k in keys})
+    (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                            "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+    return len(written), total
 
 
 def tied_alias(hf, key: str, weights: dict) -> bool:
@@ -342,12 +416,12 @@ def load_checkpoint(run_dir: Path, path: str | None) -> tuple[Path, dict]:
         ckpt, state = checkpoint.newest_loadable(run_dir, warn=lambda m: print(m, file=sys.stderr))
         if ckpt is None:
             raise ExportError(f"{run_dir} holds no checkpoint that loads ({checkpoint.checkpoint_dir(run_dir)}/"
-                              "step_*.pt with a matching .sha256); a run writes one at the end and after every "
+                              "step_*.pt with a matching .sha256, or step_*.dcp); a run writes one at the end and after every "
                               "growth event.")
         return ckpt, state
     ckpt = Path(path)
-    if not ckpt.is_file():
-        raise ExportError(f"--checkpoint {ckpt}: no such file.")
+    if not (ckpt.is_file() or (checkpoint.is_sharded(ckpt) and ckpt.is_dir())):
+        raise ExportError(f"--checkpoint {ckpt}: no such file (nor a sharded checkpoint directory step_N.dcp).")
     state, why = checkpoint.open_checkpoint(ckpt)
     if state is None:
         raise ExportError(f"--checkpoint {ckpt} {why}: it is not a usable msgrun checkpoint (it needs a matching "
@@ -356,14 +430,18 @@ def load_checkpoint(run_dir: Path, path: str | None) -> tuple[Path, dict]:
 
 
 def checkpoint_model(state: dict) -> Transformer:
+    check_args(state)
+    model = Transformer(ModelArgs(**state["model_args"]))
+    checkpoint.restore_tensors(state, {"model": model.state_dict()})  # either format (checkpoint.py)
+    return model.float().eval()
+
+
+def check_args(state: dict) -> None:
     if state["model_args"].get("family") == "bert" and "gelu" not in state["model_args"]:
         raise ExportError(
             "This BERT checkpoint predates model.gelu: its FFN used the tanh GELU and its MLM transform the exact "
             "one, and HF's BertForMaskedLM applies one hidden_act to both, so no export is exact. Retrain with the "
             "current msgrun (model.gelu=exact, the default for BERT models).")
-    model = Transformer(ModelArgs(**state["model_args"]))
-    model.load_state_dict(state["model"])
-    return model.float().eval()
 
 
 def pool_of(state: dict, cfg: dict) -> int:
@@ -387,13 +465,14 @@ def fresh_output(out: Path) -> None:
         raise ExportError(f"--out {out} cannot be created: {reason}. Choose another directory.")
 
 
-def save_hf(hf, tokenizer, out: Path, info: dict) -> None:
-    """Write everything into a temporary sibling and rename it into place: no half export."""
+def save_hf(write, tokenizer, out: Path, info: dict) -> None:
+    """Write everything (`write(folder)`: the weights and config) into a temporary sibling and
+    rename it into place: no half export."""
     out = out.absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        hf.save_pretrained(tmp, safe_serialization=True)
+        write(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         _readable_as_umask_allows(tmp)
@@ -416,8 +495,11 @@ def _readable_as_umask_allows(folder: Path) -> None:
 
 
 def export_run(run_dir: Path, out: Path, checkpoint_path: str | None = None, tokenizer_path: str | None = None,
-               log=print) -> dict:
-    """Export a run's checkpoint to `out`; returns what msgrun_export.json records."""
+               log=print, max_shard_bytes: int = SHARD_BYTES) -> dict:
+    """Export a run's checkpoint to `out`; returns what msgrun_export.json records. A sharded
+    checkpoint (train.distributed=fsdp) is streamed: one block at a time into safetensors shards
+    of at most `max_shard_bytes` with an index, never the whole model in memory; a single-file
+    checkpoint is exported whole and its logits compared with msgrun's in process."""
     out = Path(out)
     fresh_output(out)
     try:
@@ -430,18 +512,34 @@ def export_run(run_dir: Path, out: Path, checkpoint_path: str | None = None, tok
     if state["engine"].get("ramp") is not None:
         check_state([f"the ramp of growth event {state['engine']['ramp']['stage']}"], 1)
     check_state([], pool_of(state, cfg))
-    model = checkpoint_model(state)
-    arch = hf_architecture(model.args)  # refuse before the tokenizer is looked for
+    check_args(state)
+    args = ModelArgs(**state["model_args"])
+    arch = hf_architecture(args)  # refuse before the tokenizer is looked for
     tok_path = find_tokenizer(cfg, state["fingerprints"], tokenizer_path)
     special = special_ids(tok_path)
+    info = {"architecture": arch, "checkpoint": str(ckpt.absolute()), "step": state["counters"]["step"],
+            "tokens": state["counters"]["tokens"], "flops": state["counters"]["flops"],
+            "model_args": dict(state["model_args"]), "fingerprints": state["fingerprints"], "tokenizer": tok_path}
+    tokenizer = hf_tokenizer(tok_path, args.max_seq_len)
+    if checkpoint.is_sharded(ckpt):
+        def write(folder):
+            info["shards"], info["bytes"] = write_streamed(args, state, folder, max_shard_bytes)
+            hf_config(args, special).save_pretrained(folder)
+            if arch != "BertForMaskedLM":
+                generation_config(special).save_pretrained(folder)
+
+        # the in-process comparison would need the whole model in memory, which a streamed export avoids
+        info["max_abs_logit_diff"] = None
+        save_hf(write, tokenizer, out, info)
+        log(f"exported {ckpt} (step {info['step']}) as {arch} to {out}: {info['shards']} safetensors shard(s), "
+            f"{info['bytes']:,} bytes, streamed one block at a time (logits not compared in process)")
+        return info
+    model = checkpoint_model(state)
     hf = to_hf(model.args, model.state_dict(), special)
     probe = torch.arange(min(model.args.max_seq_len, 64)).unsqueeze(0) % model.args.vocab_size
     diff = max_logit_diff(model, hf, probe)
-    info = {"architecture": arch, "checkpoint": str(ckpt.absolute()), "step": state["counters"]["step"],
-            "tokens": state["counters"]["tokens"], "flops": state["counters"]["flops"],
-            "model_args": dict(state["model_args"]), "fingerprints": state["fingerprints"],
-            "tokenizer": tok_path, "max_abs_logit_diff": diff}
-    save_hf(hf, hf_tokenizer(tok_path, model.args.max_seq_len), out, info)
+    info["max_abs_logit_diff"] = diff
+    save_hf(lambda folder: hf.save_pretrained(folder, safe_serialization=True), tokenizer, out, info)
     log(f"exported {ckpt} (step {info['step']}) as {arch} to {out}; max |logit diff| vs msgrun {diff:.2e} (fp32)")
     return info
 
@@ -463,7 +561,8 @@ def main(argv: list[str] | None = None) -> None:
         "  msgrun ... eval=example    export and evaluate at the end of training (docs/export.md)")
     parser.add_argument("run_dir", type=Path, help="a msgrun run directory")
     parser.add_argument("--out", type=Path, required=True, help="new directory for the Hugging Face files")
-    parser.add_argument("--checkpoint", help="a checkpoint file (default: the run's newest valid one)")
+    parser.add_argument("--checkpoint", help="a checkpoint file or sharded checkpoint directory step_N.dcp "
+                        "(default: the run's newest valid one)")
     parser.add_argument("--tokenizer", help="the run's tokenizer.json, if its cache moved")
     a = parser.parse_args(argv)
     try:

@@ -10,10 +10,15 @@ and runs one full training step (every micro-batch's forward and backward, the o
 at the final layout. An out-of-memory then stops the run within its first minute, with the
 figures, before the run directory is touched.
 
-What it does not replay: the compiled step (Inductor's step uses no more memory than eager),
-DDP's gradient buckets (about one more copy of the gradients), and FSDP's sharding (under
-`train.distributed=fsdp` the unsharded replay would overstate the need, so it is skipped).
-Its RNG draws are isolated: a run with the pre-flight trains exactly as one without.
+Under `train.distributed=fsdp` every rank replays its own part: the model before the event is
+sharded, the event runs as the training's does (one parameter at a time on the shards,
+growth/sharded.py; or gathered, for a method that cannot be split, as the trainer would), and the
+final-shape step runs on the shards with the rank's own micro-batches, so each rank's peak is
+its real one (`growth` in the report says which way the event ran).
+
+What it does not replay: the compiled step (Inductor's step uses no more memory than eager) and
+DDP's gradient buckets (about one more copy of the gradients). Its RNG draws are isolated: a run
+with the pre-flight trains exactly as one without.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ import time
 
 import torch
 
+from msgrun import distributed
 from msgrun.errors import MsgrunError
 from msgrun.growth.masks import install_masks
+from msgrun.growth.sharded import unsupported
 from msgrun.model import Transformer
 from msgrun.optim import build_adamw
 from msgrun.step import forward_backward
@@ -34,14 +41,16 @@ class OutOfMemory(MsgrunError):
     pass
 
 
-def run_preflight(engine, cfg, device: torch.device, world_size: int, make_batch, autocast) -> dict:
-    """Replay the last growth event and one final-shape step; returns what it measured.
-    `make_batch(offset, rows, seq_len)`: the training batch at a stream offset, on the device."""
+def run_preflight(engine, cfg, device: torch.device, dist, make_batch, autocast) -> dict:
+    """Replay the last growth event and one final-shape step; returns what it measured (a
+    collective under FSDP: every rank calls it). `make_batch(offset, rows, seq_len)`: the
+    training batch at a stream offset, on the device."""
     cuda = device.type == "cuda"
+    sharded = dist.mode == "fsdp"
     last = engine.stages[-1] if engine.stages else None
     before = engine.shape_before(last) if last is not None else engine.start
     layout = engine.layout(engine.final_shape)
-    micro_batches = layout.micro_batches(0, 0, world_size, cfg.train.grad_accum)
+    micro_batches = layout.micro_batches(0, dist.rank, dist.world_size, cfg.train.grad_accum)
     micro_rows = micro_batches[0][1]
     report = {"final_shape": engine.final_shape.as_dict(), "micro_batch_rows": micro_rows}
     t0 = time.perf_counter()
@@ -51,15 +60,28 @@ def run_preflight(engine, cfg, device: torch.device, world_size: int, make_batch
         try:
             gen = torch.Generator().manual_seed(0)
             model = Transformer(engine.operator.model_args(before, engine.final_args), generator=gen).to(device)
+            if sharded:
+                distributed.shard(model, dist)
             optimizer = build_adamw(model, cfg.train.lr, cfg.optim, device.type)
             fill_optimizer_state(model, optimizer)
             if last is not None:
                 phase = f"growing it to the final shape (stage {last.index}, {', '.join(last.dims)})"
                 reset_peak(cuda)
-                model, optimizer, grown, _ = engine.build_grown(model, optimizer, last, gen)
-                if grown is not None and (grown.new_units or any(grown.new_layers)):
-                    install_masks(model, torch.zeros((), device=device), grown.new_units, grown.new_layers,
-                                  engine.operator.cfg.mask_placement)
+                lr = cfg.train.lr
+                if sharded and unsupported(engine.operator, last) is None:
+                    report["growth"] = "sharded"
+                    model, optimizer, grown, _ = engine.build_grown_sharded(model, optimizer, last, gen, dist,
+                                                                            torch.zeros((), device=device))
+                else:
+                    if sharded:  # as the trainer does for such a method: gather, grow, shard again
+                        report["growth"] = "gathered"
+                        model, optimizer = distributed.gather_plain(model, optimizer, lr, cfg.optim)
+                    model, optimizer, grown, _ = engine.build_grown(model, optimizer, last, gen)
+                    if grown is not None and (grown.new_units or any(grown.new_layers)):
+                        install_masks(model, torch.zeros((), device=device), grown.new_units, grown.new_layers,
+                                      engine.operator.cfg.mask_placement)
+                    if sharded:
+                        optimizer = distributed.shard_with_optimizer(model, optimizer, dist, lr, cfg.optim)
                 report["growth_peak_bytes"] = peak(cuda)
             phase = f"one training step at the final shape ({micro_rows} sequences per micro-batch)"
             reset_peak(cuda)
@@ -104,7 +126,7 @@ def peak(cuda: bool) -> int | None:
 
 def describe(report: dict | None) -> str:
     if report is None:
-        return "pre-flight: skipped (train.preflight=false, or fsdp)"
+        return "pre-flight: skipped (train.preflight=false)"
     gib = 2**30
     grew = "growth_peak_bytes" in report
     if report["step_peak_bytes"] is None:  # no allocator statistics off CUDA

@@ -27,8 +27,9 @@ from msgrun.errors import CheckpointError, MsgrunError
 # keys that may differ between the interrupted and the resuming command
 # (eval: downstream evaluation reads the model and never changes training, so a resumed run may
 # add or drop tasks)
+# train.distributed: a run resumes in another mode and at another world size (checkpoint.py)
 RESUME_FREE_KEYS = ("train.max_minutes", "train.threads", "train.preflight", "train.checkpoint_minutes",
-                    "logger", "eval")
+                    "train.distributed", "logger", "eval")
 # what msgrun itself writes into a run directory before the first training step
 OWN_SETUP_FILES = (".hydra", "config.json")
 
@@ -142,7 +143,8 @@ def first_missing(path: Path) -> Path | None:
 
 
 def holds_run(run_dir: Path) -> bool:
-    return (run_dir / "metrics.jsonl").exists() or any((run_dir / "checkpoints").glob("step_*.pt"))
+    return ((run_dir / "metrics.jsonl").exists() or any((run_dir / "checkpoints").glob("step_*.pt"))
+            or any((run_dir / "checkpoints").glob("step_*.dcp")))
 
 
 def is_finished(run_dir: Path) -> bool:

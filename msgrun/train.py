@@ -33,6 +33,7 @@ from msgrun.evaluate import Downstream
 from msgrun.flops import train_flops
 from msgrun.growth.engine import GrowthEngine, probe
 from msgrun.growth.masks import masked_modules
+from msgrun.growth.sharded import unsupported as unsharded_reason
 from msgrun.model import ModelArgs, Transformer
 from msgrun.optim import LRSchedule, annealing_warning, build_adamw, set_lr, warmup_warning
 from msgrun.preflight import describe as describe_preflight
@@ -144,9 +145,8 @@ class Trainer:
         # train.branch_from: the parent's checkpoint is found and checked first, so that a refused
         # branch costs no pre-flight and leaves the run directory as it was (msgrun/branch.py)
         parent = branch.find_parent(cfg, self.run_dir, self.budget, self.fingerprints())
-        if cfg.train.preflight and self.dist.mode != "fsdp":  # before the run directory is touched
-            self.preflight = run_preflight(self.engine, cfg, self.device, self.dist.world_size, self.make_batch,
-                                           self.autocast)
+        if cfg.train.preflight:  # before the run directory is touched
+            self.preflight = run_preflight(self.engine, cfg, self.device, self.dist, self.make_batch, self.autocast)
         self.engine.operator.fit_data = self.fit_batches  # LiGO fits on data (not in the pre-flight)
         state = checkpoint.prepare_run_dir(self.run_dir, config_json(cfg), self.fingerprints(), self.dist,
                                            self.console.print)
@@ -248,11 +248,9 @@ class Trainer:
         if self.cfg.train.compile:
             model.compile_units()  # each block and the head (model.py says why those units)
             self.compile_pending = True  # announced and timed by the next train_step
-        if self.dist.mode == "fsdp":
-            _, optim_state = distributed.full_state(model, self.optimizer)
-            distributed.shard(model, self.dist)
-            self.optimizer = build_adamw(model, self.cfg.train.lr, self.cfg.optim, self.device.type)
-            distributed.load_optimizer_state(model, self.optimizer, optim_state)
+        if self.dist.mode == "fsdp" and not distributed.is_sharded(model):  # restored and grown models are sharded
+            self.optimizer = distributed.shard_with_optimizer(model, self.optimizer, self.dist, self.cfg.train.lr,
+                                                              self.cfg.optim)
         self.train_model = distributed.wrap(model, self.dist, find_unused=self.engine.operator.paths)
 
     def _unwrap(self) -> None:
@@ -260,12 +258,8 @@ class Trainer:
         rank, so growth operators and the provenance transfer see whole tensors."""
         if self.dist.mode != "fsdp":
             return
-        model_state, optim_state = distributed.full_state(self.model, self.optimizer)
-        plain = Transformer(self.model.args).to(self.device)
-        plain.load_state_dict(model_state)
-        optimizer = build_adamw(plain, self.cfg.train.lr, self.cfg.optim, self.device.type)
-        distributed.load_optimizer_state(plain, optimizer, optim_state)
-        self.model, self.optimizer = plain, optimizer
+        self.model, self.optimizer = distributed.gather_plain(self.model, self.optimizer, self.cfg.train.lr,
+                                                              self.cfg.optim)
 
     # ------------------------------------------------------------------ the loop
     def loop(self) -> None:
@@ -489,9 +483,18 @@ class Trainer:
         before = probe(self.model, self.probe_batch, self.device, self.engine.pool)
         with self.wall:
             t0 = time.perf_counter()
-            self._unwrap()
+            sharded = None
+            if self.dist.mode == "fsdp":
+                why = unsharded_reason(self.engine.operator, stage)
+                if why is None:
+                    sharded = self.dist  # one parameter at a time, never gathered (growth/sharded.py)
+                else:
+                    self.console.print(f"growth event {stage.index}: the whole model and optimizer state are gathered "
+                                       f"on every rank for this event, because {why} (docs/scale.md)")
+            if sharded is None:
+                self._unwrap()
             old_model = self.model
-            result = self.engine.grow(old_model, self.optimizer, stage, self.init_gen, self.step)
+            result = self.engine.grow(old_model, self.optimizer, stage, self.init_gen, self.step, dist=sharded)
             self.model, self.optimizer = result.model, result.optimizer
             self.lr_schedule.on_growth(self.engine.operator.cfg.lr_policy, self.step, self.progress())
             self._wrap()
@@ -513,6 +516,8 @@ class Trainer:
         }
         if old_model.args.moe or self.model.args.moe:  # top-k may change with the experts (operator.expert_top_k)
             record["experts_per_token"] = [old_model.args.active_experts, self.model.args.active_experts]
+        if self.dist.mode == "fsdp":  # which way the event ran (docs/scale.md, sharded growth)
+            record["fsdp_growth"] = "sharded" if sharded is not None else "gathered"
         self.flops += result.operator_flops  # training compute (LiGO's fitting), already inside wall_time
         del old_model
         if self.is_main:
@@ -531,13 +536,21 @@ class Trainer:
         return {"data": self.corpus.data_fingerprint, "tokenizer": self.corpus.tokenizer_fingerprint}
 
     def state_dict(self) -> dict:
-        """Everything the next step depends on, as named states (a collective: every rank gathers
-        FSDP's shards and the per-rank RNG states)."""
-        model_state, optim_state = distributed.full_state(self.model, self.optimizer)
+        """Everything the next step depends on, as named states (a collective: the per-rank RNG
+        states are gathered, and outside FSDP the tensors are whole on every rank). Under FSDP
+        `model` and `optimizer` are this rank's shards (DTensors): a sharded checkpoint writes
+        them as they are."""
+        sharded = self.dist.mode == "fsdp"
+        if sharded:
+            model_state = self.model.state_dict()
+            optim_state = distributed.optimizer_state_by_name(self.model, self.optimizer)
+        else:
+            model_state, optim_state = distributed.full_state(self.model, self.optimizer)
         return {
             "model_args": dict(vars(self.model.args)),
             "model": model_state,
             "optimizer": optim_state,
+            "optimizer_keys": {name: list(entry) for name, entry in optim_state.items()},
             "lr_schedule": self.lr_schedule.state_dict(),
             "counters": {"step": self.step, "tokens": self.tokens, "flops": self.flops,
                          "wall_time": self.wall.total, "lr": self.lr},
@@ -550,13 +563,18 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a checkpoint of either format, written at any world size (checkpoint.py): the
+        model is built at the checkpoint's shape, sharded first under FSDP (so no rank holds the
+        whole of it), and its tensors and the optimizer's are filled in place."""
         model = Transformer(ModelArgs(**state["model_args"])).to(self.device)
-        model.load_state_dict(state["model"])
         self.engine.load_state_dict(state["engine"])
         self.engine.restore_ramp(model, state["engine"])
+        if self.dist.mode == "fsdp":
+            distributed.shard(model, self.dist)
         self.model = model
         self.optimizer = build_adamw(model, self.cfg.train.lr, self.cfg.optim, self.device.type)
-        distributed.load_optimizer_state(model, self.optimizer, state["optimizer"])
+        optim_targets = distributed.allocate_optimizer_state(model, self.optimizer, checkpoint.optimizer_keys(state))
+        checkpoint.restore_tensors(state, {"model": model.state_dict(), "optimizer": optim_targets})
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         c = state["counters"]
         self.step, self.tokens, self.flops, self.lr = c["step"], c["tokens"], c["flops"], c["lr"]
@@ -564,18 +582,24 @@ class Trainer:
         self.window = {**state["window"], "loss": torch.tensor(state["window"]["loss"], device=self.device)}
         self.last_val, self.last_record = state["last_val"], state["last_record"]
         self.warned_repeat = state["warned_repeat"]
-        checkpoint.load_rng_state(state, self.init_gen, self.dist.rank)
+        checkpoint.load_rng_state(state, self.init_gen, self.dist, self.cfg.train.seed)
 
     def save_checkpoint(self) -> Path:
         """Checkpoint the current step (once per step: a signal right after a scheduled save
-        writes nothing new); every rank gathers, rank 0 writes."""
-        path = checkpoint.checkpoint_path(self.run_dir, self.step)
+        writes nothing new). FSDP: every rank writes its shards; otherwise every rank gathers and
+        rank 0 writes one file."""
+        sharded = self.dist.mode == "fsdp"
+        path = checkpoint.checkpoint_path(self.run_dir, self.step, sharded)
         if self.saved_step == self.step:
             return path
         state = self.state_dict()
         self.saved_step, self.last_save_time = self.step, time.monotonic()
-        if self.is_main:
-            checkpoint.save(self.run_dir, self.step, state, self.cfg.train.keep_checkpoints)
+        keep = self.cfg.train.keep_checkpoints
+        if sharded:
+            tensors = {"model": state.pop("model"), "optimizer": state.pop("optimizer")}
+            checkpoint.save_sharded(self.run_dir, self.step, state, tensors, keep, self.dist)
+        elif self.is_main:
+            checkpoint.save(self.run_dir, self.step, state, keep)
         return path
 
     # ------------------------------------------------------------------ summary

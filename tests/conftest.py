@@ -69,6 +69,7 @@ def _deterministic():
 SLOW = {
     "tests/test_bench.py": (
         "test_gpu_goals_report_runs_and_writes_every_table",
+        "test_sharded_growth_bench_prints_both_ways_per_rank",
         "test_throughput_script_prints_the_comparison",
     ),
     "tests/test_bench_data.py": (
@@ -166,6 +167,22 @@ SLOW = {
     ),
     "tests/test_schedule.py": (
         "test_gstack_with_a_non_integer_start_depth_exits_with_code_2",
+    ),
+    "tests/test_sharded_checkpoint.py": (
+        "test_export_from_a_two_rank_sharded_checkpoint",
+        "test_resume_at_another_world_size_mid_ramp[1to2]",
+        "test_resume_at_another_world_size_mid_ramp[2to1-fsdp]",
+        "test_resume_at_another_world_size_mid_ramp[2to1]",
+        "test_resume_at_another_world_size_mid_ramp[2to2]",
+    ),
+    "tests/test_sharded_growth.py": (
+        "test_a_method_that_rewrites_the_whole_model_says_why_it_gathers",
+        "test_sharded_growth_equals_single_process_growth[bert2bert-width]",
+        "test_sharded_growth_equals_single_process_growth[llama_pro-layers]",
+        "test_sharded_growth_equals_single_process_growth[msg-ffn]",
+        "test_sharded_growth_equals_single_process_growth[msg-heads]",
+        "test_sharded_growth_equals_single_process_growth[msg-hidden]",
+        "test_sharded_growth_equals_single_process_growth[msg-layers]",
     ),
     "tests/test_shards.py": (
         "test_cli_empty_glob_is_one_paragraph_exit_2",

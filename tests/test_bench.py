@@ -36,3 +36,11 @@ def test_throughput_script_prints_the_comparison(tmp_path):
                    "--warmup", "1", cwd=tmp_path)
     last = stdout.strip().splitlines()[-1]
     assert last.startswith("gpt_tiny: msgrun / reference tokens/s ") and "median of 2 interleaved rounds" in last
+
+
+def test_sharded_growth_bench_prints_both_ways_per_rank(tmp_path):
+    stdout = bench(str(BENCH / "sharded_growth.py"), "--layers", "2", "--hidden", "128", "--vocab", "1024",
+                   "--worlds", "2", "--tmp", str(tmp_path), cwd=tmp_path)
+    rows = [line.split() for line in stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in rows] == ["0", "1"] and "sharded event" in stdout and "gathered event" in stdout
+    assert not list(tmp_path.glob("msgrun-bench-ckpt-*"))  # its checkpoints are removed

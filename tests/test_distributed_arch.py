@@ -27,8 +27,8 @@ def single(tmp_path_factory, cache_dir):
 @pytest.mark.parametrize("mode", ["fsdp", "ddp"])
 def test_grouped_heads_and_upcycling_grow_across_two_processes(tmp_path, cache_dir, single, mode):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "msgrun", *RUN, f"train.distributed={mode}",
-         f"hydra.run.dir={tmp_path}/two"], cache_dir, tmp_path)
+    r = run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "msgrun", *RUN, f"train.distributed={mode}",
+             f"hydra.run.dir={tmp_path}/two"], cache_dir, tmp_path)
     one, two = single, read_jsonl(tmp_path / "two" / "metrics.jsonl")
     assert [m["step"] for m in one] == [m["step"] for m in two]
     for a, b in zip(one, two):
@@ -37,4 +37,7 @@ def test_grouped_heads_and_upcycling_grow_across_two_processes(tmp_path, cache_d
         assert abs(a["loss"] - b["loss"]) <= TOLERANCE * abs(b["loss"]), (a["step"], a["loss"], b["loss"])
     (event,) = read_jsonl(tmp_path / "two" / "growth.jsonl")
     assert set(event["dims"]) == {"heads", "kv_heads", "experts"} and event["max_abs_logit_diff"] <= 1e-5
+    if mode == "fsdp":  # upcycling's router tie-breaking reads the whole model: gathered, and said so
+        assert event["fsdp_growth"] == "gathered"
+        assert "gathered on every rank for this event, because operator.experts=" in r.stdout
     assert one[-1]["experts"] == 4 and one[-1]["kv_heads"] == 2 and one[0]["heads"] == 2

@@ -227,3 +227,43 @@ def test_export_is_readable_like_any_file_and_sets_no_max_length(grown_runs, tmp
         assert path.stat().st_mode & 0o777 == 0o644, path.name
     generation = json.loads((out / "generation_config.json").read_text())
     assert "max_length" not in generation and generation["eos_token_id"] is not None
+
+
+def as_sharded_run(run_dir: Path, dest: Path) -> Path:
+    """A copy of a run whose newest checkpoint is rewritten in the sharded (DCP) format, as
+    train.distributed=fsdp writes it, and whose single-file checkpoints are gone."""
+    import shutil
+
+    from msgrun.distributed import Dist
+
+    shutil.copytree(run_dir, dest)
+    newest = checkpoint.newest_valid(dest)
+    state = checkpoint.load(newest)
+    for p in checkpoint.list_checkpoints(dest):
+        checkpoint.remove(p)
+    state["optimizer_keys"] = {n: list(e) for n, e in state["optimizer"].items()}
+    tensors = {"model": state.pop("model"), "optimizer": state.pop("optimizer")}
+    state.pop("log_lines"), state.pop("format")
+    return checkpoint.save_sharded(dest, state["counters"]["step"], state, tensors, keep=1, dist=Dist())
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_streamed_export_of_a_sharded_checkpoint_matches_msgrun_logits(grown_runs, tmp_path, name):
+    """A sharded checkpoint exports block by block into safetensors shards with an index (a
+    small shard limit forces several files), which transformers loads with msgrun's logits."""
+    ckpt = as_sharded_run(grown_runs[name], tmp_path / "run")
+    info = export_run(tmp_path / "run", tmp_path / "hf", max_shard_bytes=200_000)
+    files = {p.name for p in (tmp_path / "hf").iterdir()}
+    assert info["shards"] > 2 and info["max_abs_logit_diff"] is None and info["checkpoint"] == str(ckpt.absolute())
+    assert {"config.json", "model.safetensors.index.json", "tokenizer.json"} <= files
+    assert f"model-00001-of-{info['shards']:05d}.safetensors" in files and "model.safetensors" not in files
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {f for f in files if f.endswith(".safetensors")}
+    auto = transformers.AutoModelForMaskedLM if name == "bert" else transformers.AutoModelForCausalLM
+    hf = auto.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert type(hf).__name__ == CLASSES[name]
+    ids, _, _ = held_out_ids(grown_runs[name])
+    ours = checkpoint_model(checkpoint.load(ckpt))
+    with torch.no_grad():
+        expected, got = ours(ids), hf(input_ids=ids).logits
+    assert (got - expected).abs().max().item() < 1e-4 and expected.abs().max() > 1.0

@@ -61,15 +61,27 @@ def break_symmetry(model: Transformer, dim: str, um: UnitMap, eta: float, gen: t
         return
     size = unit_size(dim, model.args)
     for name, p in model.named_parameters():
-        axes = parameter_axes(name, model.args)
-        if p.dim() != 2 or not (axes[1].dim == dim and axes[1].fan_in):
-            continue
-        scale = eta * p.float().pow(2).mean().sqrt()
-        for members in groups:
-            cols = (members[:, None] * size + torch.arange(size)).flatten().to(p.device)
-            noise = torch.randn(p.shape[0], members.numel(), size, generator=gen).to(p.device) * scale
-            noise = (noise - noise.mean(dim=1, keepdim=True)).flatten(1)  # zero sum over the copies
-            p[:, cols] += noise.to(p.dtype)
+        if consumes(name, p, dim, model.args):
+            add_symmetry_noise(p, groups, size, eta, gen)
+
+
+def consumes(name: str, p: torch.Tensor, dim: str, args) -> bool:
+    """Whether the matrix `name` reads `dim` (its fan-in axis): where copies' noise goes."""
+    axes = parameter_axes(name, args)
+    return p.dim() == 2 and axes[1].dim == dim and axes[1].fan_in
+
+
+@torch.no_grad()
+def add_symmetry_noise(p: torch.Tensor, groups: list[torch.Tensor], size: int, eta: float,
+                       gen: torch.Generator) -> None:
+    """One consuming matrix's zero-sum noise (break_symmetry), in place; the sharded growth
+    calls it on one gathered parameter at a time, in the same order."""
+    scale = eta * p.float().pow(2).mean().sqrt()
+    for members in groups:
+        cols = (members[:, None] * size + torch.arange(size)).flatten().to(p.device)
+        noise = torch.randn(p.shape[0], members.numel(), size, generator=gen).to(p.device) * scale
+        noise = (noise - noise.mean(dim=1, keepdim=True)).flatten(1)  # zero sum over the copies
+        p[:, cols] += noise.to(p.dtype)
 
 
 @torch.no_grad()

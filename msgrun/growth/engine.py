@@ -23,7 +23,7 @@ from msgrun.distributed import seed_for
 from msgrun.errors import ConfigError
 from msgrun.flops import train_flops
 from msgrun.growth.masks import install_masks, remove_masks
-from msgrun.growth.operator import GrowthOperator
+from msgrun.growth.operator import GrowthOperator, Grown
 from msgrun.growth.optim_transfer import transfer_adamw
 from msgrun.growth.raptr import RandomPaths
 from msgrun.growth.schedule import (Budget, Shape, Stage, check_timing, final_shape, gstack_growth_tokens,
@@ -155,16 +155,26 @@ class GrowthEngine:
     def events_done(self) -> int:
         return self.next_stage
 
-    def grow(self, model: Transformer, optimizer, stage: Stage, gen: torch.Generator, step: int) -> GrowthResult:
+    def grow(self, model: Transformer, optimizer, stage: Stage, gen: torch.Generator, step: int,
+             dist=None) -> GrowthResult:
+        """dist: an FSDP2 model grown one parameter at a time, never gathered (growth/sharded.py;
+        the caller has checked `sharded.unsupported`); None: a plain model grown as a whole."""
         before, after = self.shape, stage.target
         fpt_before = self.flops_per_step(before) / self.budget.tokens_per_step
-        grown_model, new_opt, grown, seconds = self.build_grown(model, optimizer, stage, gen)
+        if dist is not None:
+            alpha = torch.zeros((), device=dist.device)
+            grown_model, new_opt, grown, seconds = self.build_grown_sharded(model, optimizer, stage, gen, dist, alpha)
+            if grown is not None and (grown.new_units or any(grown.new_layers)):  # installed before sharding
+                self.ramp = Ramp(stage.index, step, self.ramp_steps, alpha, grown_model,
+                                 int(self.operator.cfg.ramp_start == "increment"))
+        else:
+            grown_model, new_opt, grown, seconds = self.build_grown(model, optimizer, stage, gen)
         if self.paths is not None:
             self.paths.set_length(after.layers)
         if self.operator.cfg.freeze_old and grown is not None and after.layers != before.layers:
             self.trainable_layers = [i for i, zeroed in enumerate(grown.zeroed_layers) if zeroed]
         self.apply_freeze(grown_model)
-        if grown is not None and (grown.new_units or any(grown.new_layers)):
+        if dist is None and grown is not None and (grown.new_units or any(grown.new_layers)):
             self.install_ramp(grown_model, grown.new_units, grown.new_layers, stage.index, step)
         self.shape = after
         self.next_stage += 1
@@ -188,6 +198,30 @@ class GrowthEngine:
         new_opt = transfer_adamw(optimizer, model, grown.model, grown.origins, self.operator.cfg, self.cfg.optim,
                                  model_device(model).type, fresh_layers=fresh)
         return grown.model, new_opt, grown, (t1 - t0, time.perf_counter() - t1)
+
+    def build_grown_sharded(self, model, optimizer, stage: Stage, gen: torch.Generator, dist, alpha: torch.Tensor):
+        """build_grown for an FSDP2 model, one parameter at a time (growth/sharded.py); the event's
+        masks (sharing `alpha`) go in before the new model is sharded, as they do when a plain
+        model is wrapped. Changes nothing in the engine (the pre-flight calls it too)."""
+        from msgrun.growth.sharded import grow_sharded
+
+        t0 = time.perf_counter()
+        if self.operator.paths and stage.dims == ("layers",):
+            return model, optimizer, None, (0.0, 0.0)
+
+        marks = {}
+
+        def install(new_model):
+            new_units, new_layers = self.operator.mask_plan(model.args, new_model.args)
+            marks.update(new_units=new_units, new_layers=new_layers)
+            if new_units or any(new_layers):
+                install_masks(new_model, alpha, new_units, new_layers, self.operator.cfg.mask_placement)
+
+        grown_model, new_opt, plan = grow_sharded(self.operator, model, optimizer, stage.target, self.final_args, gen,
+                                                  dist, optimizer.param_groups[0]["lr"], self.cfg.optim, install)
+        grown = Grown(grown_model, {}, marks["new_units"], marks["new_layers"], plan.copied, plan.zeroed)
+        # the operator's work and the moments' move are interleaved per parameter: one figure
+        return grown_model, new_opt, grown, (time.perf_counter() - t0, 0.0)
 
     def apply_freeze(self, model: Transformer) -> None:
         """LLaMA-Pro's recipe (operator.freeze_old): only the newest expansion's blocks train."""

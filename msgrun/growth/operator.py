@@ -231,16 +231,16 @@ class GrowthOperator:
         new_units = {d: um.new_units.repeat_interleave(unit_size(d, new_args)).float() for d, um in maps.items()}
         return new_units, self.layer_plan(old_args.layers, new_args.layers)[1]
 
-    def grow(self, model: Transformer, target: Shape, final: ModelArgs, gen: torch.Generator) -> Grown:
-        old_args = model.args
+    def plan(self, old_args: ModelArgs, target: Shape, final: ModelArgs, gen: torch.Generator) -> "Plan":
+        """The grown shape and the maps of an event (the width methods' random mappings draw
+        from `gen` here, before any new weight is drawn): shared by the whole-model growth below
+        and the sharded one (growth/sharded.py), so both draw the same numbers in the same order."""
         new_args = self.model_args(target, final)
         hidden = self.method("hidden")
         if hidden is not None and hidden.grown_args is not None:  # e.g. LEMON's norm epsilon
             new_args = hidden.grown_args(old_args, new_args)
-        if self.builder is not None:  # one learned operator for every dimension (LiGO)
-            grown_model, flops = self.builder.build(model, new_args, gen, self.cfg, self.fit_data)
-            return Grown(grown_model, {name: Origin(None) for name, _ in grown_model.named_parameters()},
-                         operator_flops=flops)
+        if self.builder is not None:
+            return Plan(new_args, {}, [], [], [])
         heads = self.method("heads")
         # under grouped-query attention, a group's extra query heads copy its heads, except where the
         # method brings in new units (MSG's masks): then they are new
@@ -248,17 +248,38 @@ class GrowthOperator:
                                   lambda d, o, n: self.method(d).unit_map(d, o, n, self.cfg, gen),
                                   copy_queries=heads is None or not heads.masks)
         layer_sources, _, copied, zeroed = self.layer_plan(old_args.layers, new_args.layers)
-        grown_model, origins = grow_parameters(model, new_args, unit_maps, layer_sources, gen)
-        # hidden last: finishing the residual width may rewrite what other dimensions' steps left (LEMON
-        # averages the residual writers' rows after every consumer split)
-        for d in sorted(unit_maps, key=lambda d: d == "hidden"):
-            if d == "kv_heads":
-                continue  # grown with heads: their fused q, k, v rows are one axis (growth/surgery.py)
+        return Plan(new_args, unit_maps, layer_sources, copied, zeroed)
+
+    def finishing_order(self, plan: "Plan") -> list[str]:
+        """The grown width dimensions in the order their methods finish: hidden last, since
+        finishing the residual width may rewrite what other dimensions' steps left (LEMON
+        averages the residual writers' rows after every consumer split); key/value heads are
+        grown with heads (their fused q, k, v rows are one axis: growth/surgery.py)."""
+        return [d for d in sorted(plan.unit_maps, key=lambda d: d == "hidden") if d != "kv_heads"]
+
+    def grow(self, model: Transformer, target: Shape, final: ModelArgs, gen: torch.Generator) -> Grown:
+        old_args = model.args
+        plan = self.plan(old_args, target, final, gen)
+        if self.builder is not None:  # one learned operator for every dimension (LiGO)
+            grown_model, flops = self.builder.build(model, plan.new_args, gen, self.cfg, self.fit_data)
+            return Grown(grown_model, {name: Origin(None) for name, _ in grown_model.named_parameters()},
+                         operator_flops=flops)
+        grown_model, origins = grow_parameters(model, plan.new_args, plan.unit_maps, plan.layer_sources, gen)
+        for d in self.finishing_order(plan):
             method = self.method(d)
             if method.finish is not None:
-                method.finish(grown_model, model, d, unit_maps, origins, self.cfg, gen)
+                method.finish(grown_model, model, d, plan.unit_maps, origins, self.cfg, gen)
             if method.copies and self.cfg.symmetry_noise > 0:
-                break_symmetry(grown_model, d, unit_maps[d], self.cfg.symmetry_noise, gen)
-        zero_output_projections(grown_model, zeroed)
-        new_units, new_layers = self.mask_plan(old_args, new_args)
-        return Grown(grown_model, origins, new_units, new_layers, copied, zeroed)
+                break_symmetry(grown_model, d, plan.unit_maps[d], self.cfg.symmetry_noise, gen)
+        zero_output_projections(grown_model, plan.zeroed)
+        new_units, new_layers = self.mask_plan(old_args, plan.new_args)
+        return Grown(grown_model, origins, new_units, new_layers, plan.copied, plan.zeroed)
+
+
+@dataclass
+class Plan:
+    new_args: ModelArgs
+    unit_maps: dict[str, UnitMap]
+    layer_sources: list[int | None]
+    copied: list[bool]  # layers that are not originals
+    zeroed: list[bool]  # layers whose output projections are zeroed (identity entry)

@@ -44,19 +44,41 @@ def transfer_adamw(old_opt: torch.optim.Optimizer, old_model: torch.nn.Module, n
         return new_opt
     old_state = {name: old_opt.state[p] for name, p in old_model.named_parameters() if old_opt.state.get(p)}
     for name, p in new_model.named_parameters():
-        layer = re.match(r"^blocks\.(\d+)\.", name)
-        if layer and int(layer.group(1)) in fresh_layers:
+        if in_layers(name, fresh_layers):
             continue
         origin = origins[name]
-        src = old_state.get(origin.source) if origin.source else None
-        like = old_state.get(origin.like) if origin.like else None
-        if src is None and like is None:
-            continue
-        zeros = torch.zeros_like(p)
-        v_fill = zeros if op_cfg.new_moments == "zero" else torch.full_like(p, (src or like)["exp_avg_sq"].mean().item())
-        new_opt.state[p] = {
-            "step": (src or like)["step"].clone(),
-            "exp_avg": transplant(src["exp_avg"], origin, zeros, of="moment") if src else zeros,
-            "exp_avg_sq": transplant(src["exp_avg_sq"], origin, v_fill, value_power=2, of="moment") if src else v_fill,
-        }
+        state = moved_state(p, origin, old_state.get(origin.source) if origin.source else None,
+                            old_state.get(origin.like) if origin.like else None, op_cfg)
+        if state is not None:
+            new_opt.state[p] = state
     return new_opt
+
+
+def in_layers(name: str, layers: set[int]) -> bool:
+    layer = re.match(r"^blocks\.(\d+)\.", name)
+    return bool(layer) and int(layer.group(1)) in layers
+
+
+def moved_state(p: torch.Tensor, origin: Origin, src: dict | None, like: dict | None, op_cfg) -> dict | None:
+    """The AdamW state of one new parameter shaped like `p`, from its source's state `src` and a
+    like-shaped old parameter's state `like` (None: no state)."""
+    if src is None and like is None:
+        return None
+    stats = (src or like)["exp_avg_sq"]
+    return {"step": (src or like)["step"].clone(),
+            **{key: moved_moment(key, p, origin, src[key] if src else None, stats, op_cfg)
+               for key in ("exp_avg", "exp_avg_sq")}}
+
+
+def moved_moment(key: str, p: torch.Tensor, origin: Origin, src: torch.Tensor | None, stats: torch.Tensor | None,
+                 op_cfg) -> torch.Tensor:
+    """One moment (`exp_avg` or `exp_avg_sq`) of a new parameter shaped like `p`: the source's
+    moment `src` moved by provenance; entries without a source zero or, for the second moment
+    under operator.new_moments=mean, the mean of `stats` (the source's second moment, or a
+    like-shaped parameter's). The one rule, for the whole-model transfer above and the sharded
+    growth (growth/sharded.py), which moves one moment of one gathered parameter at a time."""
+    zeros = torch.zeros_like(p)
+    if key == "exp_avg":
+        return transplant(src, origin, zeros, of="moment") if src is not None else zeros
+    fill = zeros if op_cfg.new_moments == "zero" else torch.full_like(p, stats.mean().item())
+    return transplant(src, origin, fill, value_power=2, of="moment") if src is not None else fill
