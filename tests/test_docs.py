@@ -25,6 +25,8 @@ PLACEHOLDER = re.compile(r"<|>|…|\.\.\.|\$|^\[$|RUN_DIR|PATH")
 # shown in the docs on purpose though msgrun refuses them: files a user writes (not shipped), and
 # misspellings that demonstrate the refusal
 NOT_SETTINGS = {"model=gpt_narrow", "experiment=mgs"}
+# settings that are only read beside another (protocol.check refuses them alone): checked with it
+COMPANIONS = {"protocol.frontier": "protocol=matched"}
 
 
 def documented_settings() -> dict[str, str]:
@@ -57,10 +59,14 @@ def test_the_walk_finds_the_documented_settings():
 
 def batches(settings: list[str]) -> list[list[str]]:
     """The settings in as few compositions as can hold them: at most one value per key in each
-    (composing is the slow part; check_config names the key it refuses)."""
+    (composing is the slow part; check_config names the key it refuses). A setting with a
+    companion is checked in a composition of its own, beside it."""
     out: list[list[str]] = []
     for setting in settings:
         key = setting.split("=", 1)[0].lstrip("+")
+        if key in COMPANIONS:
+            out.append([setting, COMPANIONS[key]])
+            continue
         for batch in out:
             if all(s.split("=", 1)[0].lstrip("+") != key for s in batch):
                 batch.append(setting)
