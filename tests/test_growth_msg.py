@@ -353,3 +353,35 @@ def test_readme_card_command_runs_at_80_steps(make_cfg, tmp_path):
     assert [e["step"] for e in events] == [16, 32]
     assert all(e["max_abs_logit_diff"] <= 1e-5 for e in events)
     assert masked_modules(trainer.model) == []
+
+
+def test_a_new_block_sharded_by_fsdp_loses_its_blend_at_the_end_of_the_ramp(tmp_path):
+    """FSDP2 gives a sharded block a class of its own (FSDPBlendedBlock for a new post-norm block
+    masked before sharding): remove_masks must still find it, keep it sharded and make it a plain
+    block, with the same output at alpha = 1. (Before: the block stayed blended for the rest of the run.)"""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    from msgrun.growth.masks import BlendedBlock
+    from msgrun.model import Block
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        model = small_model({"family": "bert"}, {"layers": 2})
+        alpha = torch.ones(())
+        install_masks(model, alpha, {}, [False, True])
+        assert isinstance(model.blocks[1], BlendedBlock)
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        x = torch.randint(0, 101, (2, 12))
+        before = model(x).clone()
+        assert masked_modules(model) == ["blocks.1"]
+        assert remove_masks(model) == 1 and masked_modules(model) == []
+        block = model.blocks[1]
+        assert isinstance(block, FSDPModule) and isinstance(block, Block) and not isinstance(block, BlendedBlock)
+        assert not hasattr(block, "alpha")
+        after = model(x)
+        assert torch.equal(before, after)
+    finally:
+        dist.destroy_process_group()

@@ -180,12 +180,34 @@ def install_masks(model, alpha: torch.Tensor, new_units: dict[str, torch.Tensor]
                 _install(mlp.proj, alpha, out_alpha=True)
 
 
+_UNMASKED_SHARDED: dict[type, type] = {}
+
+
+def plain_class(cls: type) -> type | None:
+    """The class a masked module returns to (None: `cls` is not masked). FSDP2's fully_shard gives
+    each sharded module a class of its own, FSDP<Name>(FSDPModule, <Name>), so a block masked
+    before sharding is an FSDPBlendedBlock: its plain class is the same construction on Block,
+    which keeps the module sharded and drops the blend (looking `cls` up in PLAIN_CLASS alone
+    missed it, and a new block kept blending at alpha = 1 for the rest of the run)."""
+    if cls in PLAIN_CLASS:
+        return PLAIN_CLASS[cls]
+    masked = [b for b in cls.__bases__ if b in PLAIN_CLASS]
+    if not masked:
+        return None
+    if cls not in _UNMASKED_SHARDED:
+        bases = tuple(PLAIN_CLASS.get(b, b) for b in cls.__bases__)
+        name = cls.__name__.replace(masked[0].__name__, PLAIN_CLASS[masked[0]].__name__)
+        _UNMASKED_SHARDED[cls] = type(name, bases, {})
+    return _UNMASKED_SHARDED[cls]
+
+
 def remove_masks(model: nn.Module) -> int:
     """Swap every masked module back to its plain class; returns how many were unmasked."""
     count = 0
     for module in model.modules():
-        if type(module) in PLAIN_CLASS:
-            module.__class__ = PLAIN_CLASS[type(module)]
+        plain = plain_class(type(module))
+        if plain is not None:
+            module.__class__ = plain
             for attr in MASK_ATTRS:
                 if attr in module._buffers:
                     del module._buffers[attr]
@@ -196,4 +218,4 @@ def remove_masks(model: nn.Module) -> int:
 
 
 def masked_modules(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules() if type(m) in PLAIN_CLASS]
+    return [name for name, m in model.named_modules() if plain_class(type(m)) is not None]
