@@ -102,17 +102,19 @@ def test_frontier_files_are_written(tmp_path):
     assert "residual" in text and "multiplier_total" in text
 
 
-def budget_sweep(tmp_path, speeds: dict[float, float], rng_seed: int = 0, seeds=range(4)):
+def budget_sweep(tmp_path, speeds: dict[float, float], rng_seed: int = 0, seeds=range(4), operators=None):
     """The frontier as above, and one arm trained at each budget in `speeds` with its final loss
-    the frontier's at speed x its FLOPs."""
+    the frontier's at speed x its FLOPs (`operators`: each budget's operator, default msg)."""
     rng = np.random.default_rng(rng_seed)
     for seed in seeds:
         offset = frontier_runs(tmp_path, rng, seed)
         for budget, speed in speeds.items():
             fl = [budget * x for x in (0.25, 0.5, 0.75, 1.0)]
             points = [(c, float(law(speed * c) + offset + rng.normal(0, 0.004))) for c in fl]
+            operator = (operators or {}).get(budget, "msg")
             write_run(tmp_path / f"arm{budget:.0e}-s{seed}", points, seed=seed, growth=[0.25 * budget],
-                      overrides=[f"train.max_flops={budget}"])
+                      operator=operator, overrides=[f"train.max_flops={budget}"],
+                      config={"operator": {"name": operator}, "train": {"max_flops": budget, "seed": seed}})
     return analyse(load_runs([tmp_path])).frontier
 
 
@@ -128,6 +130,12 @@ def test_a_speed_up_that_shrinks_with_budget_is_seen_paired_by_seed(tmp_path):
     assert trend.speedup.n == 4 and trend.speedup.estimate == pytest.approx(0.75, rel=0.1), trend.speedup
     notes = frontier.summary_lines(result)
     assert any(line.startswith("change with budget") and "shrinks" in line for line in notes)
+
+
+def test_two_different_arms_at_two_budgets_are_not_a_change_with_budget(tmp_path):
+    """G_zero at F and G_stack at F/2 differ in their operator: not one arm at two budgets."""
+    result = budget_sweep(tmp_path, {ARM_FLOPS / 2: 2.0, ARM_FLOPS: 1.5}, operators={ARM_FLOPS / 2: "gstack"})
+    assert result.budget_trends == []
 
 
 def test_an_unchanged_speed_up_covers_one_across_budgets(tmp_path):

@@ -258,8 +258,10 @@ def budget_trends(per_run: dict, matched_speedups: dict) -> list[BudgetTrend]:
     trends = []
     for i, (small_budget, small) in enumerate(by_budget):
         for large_budget, large in by_budget[i + 1:]:
-            if large_budget <= small_budget or matching.group_differences(per_run[small][0].runs,
-                                                                         per_run[large][0].runs):
+            a, b = per_run[small][0].runs, per_run[large][0].runs
+            # the same arm: equal outside the budget, growth choices included (group_differences
+            # lets those differ, as an arm and its from-scratch baseline do)
+            if large_budget <= small_budget or matching.group_differences(a, b) or matching.growth_differences(a, b):
                 continue
             speedup = (ratio(matched_speedups[small], matched_speedups[large])
                        if small in matched_speedups and large in matched_speedups else None)

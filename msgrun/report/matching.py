@@ -100,6 +100,14 @@ def group_differences(arm_runs, base_runs) -> list[str] | None:
     return sorted(found) if known else None
 
 
+def growth_differences(runs_a, runs_b) -> list[str]:
+    """The growth settings (schedule.*, operator.*) in which two groups' first runs differ: two
+    groups are the same arm only where this is empty too."""
+    a = flatten(resolved(next((r.config for r in runs_a if r.config), {})))
+    b = flatten(resolved(next((r.config for r in runs_b if r.config), {})))
+    return sorted(k for k in set(a) | set(b) if k.startswith(GROWTH_PREFIXES) and a.get(k) != b.get(k))
+
+
 def describe(keys: list[str], arm_runs, base_runs, limit: int = 6) -> str:
     """"model.hidden (64 here, 128 in the baseline), ..." for the first `limit` keys."""
     a = flatten(resolved(next((r.config for r in arm_runs if r.config), {})))
