@@ -346,7 +346,7 @@ def plot(result: FrontierResult, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     f = result.frontier
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(7.2, 4.2))
     xs = np.geomspace(min(f.flops) / 2, max(f.flops) * 2, 200)
     ax.plot(xs, f(xs), color="black", lw=1.2, label=f"frontier {f.E:.3g} + {f.A:.3g}·C^-{f.alpha:.3g}")
     ax.scatter(f.flops, f.values, color="black", s=14, zorder=3, label="from-scratch runs (annealed)")
@@ -356,8 +356,8 @@ def plot(result: FrontierResult, path: Path) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel(result.metric)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    # below the axes: with several arms a legend inside covers the points it labels
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.14), frameon=False)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
