@@ -50,6 +50,16 @@ def make_cfg(cache_dir):
     return make
 
 
+def perturbed(model, seed: int, scale: float):
+    """`model` with every parameter moved by scale * N(0, 1) noise (seeded): non-trivial norm gains,
+    biases and larger weights, so that a growth operator's exactness cannot be an accident of the init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return model
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

@@ -20,7 +20,7 @@ from msgrun.growth.schedule import Shape, Stage
 from msgrun.model import ModelArgs, Transformer, apply_rope
 from msgrun.train import Trainer
 
-from conftest import read_jsonl
+from conftest import perturbed, read_jsonl
 
 EXACT = 1e-5
 SEQ, VOCAB = 20, 101
@@ -32,12 +32,7 @@ BASE = dict(layers=3, hidden=45, head_dim=10, ffn=70)
 
 def make_model(arch, heads, kv_heads, seed=0, **kw):
     args = ModelArgs(vocab_size=VOCAB, max_seq_len=SEQ, heads=heads, kv_heads=kv_heads, **{**BASE, **kw}, **arch)
-    model = Transformer(args, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():  # non-trivial gains and larger weights, so exactness cannot be an accident
-        g = torch.Generator().manual_seed(seed + 1)
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return model
+    return perturbed(Transformer(args, generator=torch.Generator().manual_seed(seed)), seed + 1, 0.1)
 
 
 def logits(model, idx):

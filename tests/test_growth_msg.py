@@ -14,7 +14,7 @@ from msgrun.growth.schedule import Shape
 from msgrun.model import ModelArgs, Transformer
 from msgrun.optim import build_adamw
 
-from conftest import read_jsonl
+from conftest import perturbed, read_jsonl
 
 FAMILIES = {
     "gpt_layernorm": dict(family="gpt"),
@@ -46,12 +46,7 @@ def small_model(arch, start, seed=0):
     shape = {**BASE, **start}
     args = ModelArgs(vocab_size=101, max_seq_len=24, head_dim=16, layers=shape["layers"], hidden=shape["hidden"],
                      heads=shape["heads"], ffn=shape["ffn"], **arch)
-    model = Transformer(args, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():  # non-trivial norm gains and biases: the masked norms must handle them
-        g = torch.Generator().manual_seed(seed + 1)
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model
+    return perturbed(Transformer(args, generator=torch.Generator().manual_seed(seed)), seed + 1, 0.05)
 
 
 def final_args(model, target):

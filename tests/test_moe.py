@@ -12,6 +12,8 @@ from msgrun.flops import train_flops
 from msgrun.growth.engine import exact_numerics
 from msgrun.model import ModelArgs, Transformer
 
+from conftest import perturbed
+
 VOCAB, SEQ = 101, 20
 LLAMA = dict(family="gpt", norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, tie_embeddings=False)
 
@@ -20,12 +22,7 @@ def make_model(seed=0, **kw):
     args = ModelArgs(vocab_size=VOCAB, max_seq_len=SEQ, **{**dict(layers=2, hidden=45, heads=3, head_dim=10,
                                                                    ffn=30, experts=5, experts_per_token=2), **kw},
                      **LLAMA)
-    model = Transformer(args, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(seed + 1)
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return model
+    return perturbed(Transformer(args, generator=torch.Generator().manual_seed(seed)), seed + 1, 0.1)
 
 
 def batch(n=3):

@@ -22,7 +22,7 @@ from msgrun.model import ModelArgs, Transformer
 from msgrun.optim import build_adamw
 from msgrun.train import Trainer, final_model_args
 
-from conftest import read_jsonl
+from conftest import perturbed, read_jsonl
 
 FAMILIES = {
     "gpt_layernorm": dict(family="gpt"),
@@ -37,12 +37,7 @@ CHANGED = 1e-4  # a growth that is not function preserving moves the logits by m
 
 def make_model(arch, seed=0, **shape):
     args = ModelArgs(vocab_size=VOCAB, max_seq_len=SEQ, head_dim=16, **{**BASE, **shape}, **arch)
-    model = Transformer(args, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():  # non-trivial norm gains and biases, so exactness cannot be an accident
-        g = torch.Generator().manual_seed(seed + 1)
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model
+    return perturbed(Transformer(args, generator=torch.Generator().manual_seed(seed)), seed + 1, 0.05)
 
 
 def operator(family="gpt", **cfg):
