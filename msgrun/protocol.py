@@ -41,7 +41,7 @@ def check(cfg) -> None:
     if multiples and cfg.protocol.name != "matched":
         raise ConfigError(f"protocol.frontier = {multiples} is read by protocol=matched only (here protocol="
                           f"{cfg.protocol.name}): add protocol=matched, or drop protocol.frontier.")
-    bad = [m for m in multiples if not (isinstance(m, (int, float)) and m > 0 and m != 1)]
+    bad = [m for m in multiples if m <= 0 or m == 1]  # the schema already made each entry a float
     if bad or len(set(multiples)) != len(multiples):
         raise ConfigError(f"protocol.frontier = {multiples}: each entry is a distinct positive multiple of the arm's "
                           "planned FLOPs other than 1 (1 is the matched baseline, always trained), e.g. "
